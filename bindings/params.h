@@ -1,0 +1,98 @@
+// Builds the ops' params structs from the integer pointers and sizes that ops.py passes; shared by _C and _emu.
+#pragma once
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "attention.h"
+#include "confidence.h"
+#include "remask.h"
+
+namespace llada::bind {
+
+namespace py = pybind11;
+
+template <class T>
+T* ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
+
+inline void copy_ids(const std::vector<int64_t>& ids, int64_t* dst, int* n, const char* what) {
+  if (ids.size() > static_cast<size_t>(kMaxSpecialIds))
+    throw std::invalid_argument(std::string("llada_rt: at most ") + std::to_string(kMaxSpecialIds) + " " + what +
+                                " ids are supported, got " + std::to_string(ids.size()));
+  *n = static_cast<int>(ids.size());
+  for (size_t i = 0; i < ids.size(); ++i) dst[i] = ids[i];
+}
+
+inline ConfidenceParams confidence_params(uintptr_t token, uintptr_t prob, uintptr_t logits, int64_t b_stride,
+                                          int64_t n_stride, uintptr_t masked, int B, int N, int V, int dtype,
+                                          float temperature, uint64_t seed, uint64_t offset, bool random_confidence,
+                                          const std::vector<int64_t>& suppress_ids,
+                                          const std::vector<int64_t>& zero_conf_ids) {
+  ConfidenceParams p{};
+  p.token_ptr = ptr<int64_t>(token);
+  p.prob_ptr = ptr<float>(prob);
+  p.logits_ptr = ptr<const void>(logits);
+  p.logits_b_stride = b_stride;
+  p.logits_n_stride = n_stride;
+  p.masked_ptr = ptr<const bool>(masked);
+  p.B = B; p.N = N; p.V = V;
+  p.dtype = dtype_from_int(dtype);
+  p.temperature = temperature;
+  p.seed = seed; p.offset = offset;
+  p.random_confidence = random_confidence ? 1 : 0;
+  copy_ids(suppress_ids, p.suppress_ids, &p.n_suppress, "suppressed");
+  copy_ids(zero_conf_ids, p.zero_conf_ids, &p.n_zero_conf, "zero-confidence");
+  return p;
+}
+
+inline RemaskParams remask_params(uintptr_t canvas, int64_t canvas_b_stride, uintptr_t count, uintptr_t token,
+                                  uintptr_t prob, uintptr_t k, int B, int N, int64_t start, int64_t mask_id, int rule,
+                                  float threshold, float factor) {
+  if (rule < 0 || rule > 2) throw std::invalid_argument("llada_rt: unknown remask rule " + std::to_string(rule));
+  RemaskParams p{};
+  p.canvas_ptr = ptr<int64_t>(canvas);
+  p.canvas_b_stride = canvas_b_stride;
+  p.count_ptr = ptr<int32_t>(count);
+  p.token_ptr = ptr<const int64_t>(token);
+  p.prob_ptr = ptr<const float>(prob);
+  p.k_ptr = ptr<const int64_t>(k);
+  p.B = B; p.N = N; p.start = start; p.mask_id = mask_id;
+  p.rule = static_cast<RemaskRule>(rule);
+  p.threshold = threshold; p.factor = factor;
+  return p;
+}
+
+// strides: 12 element strides in the order o(b,l,h), q(b,l,h), k(b,l,h), v(b,l,h)
+inline AttentionParams attention_params(uintptr_t o, uintptr_t q, uintptr_t k, uintptr_t v,
+                                        const std::vector<int64_t>& strides, uintptr_t key_start, uintptr_t key_end,
+                                        int B, int Lq, int Lk, int Hq, int Hkv, int D, float scale, int dtype) {
+  if (strides.size() != 12) throw std::invalid_argument("llada_rt: attention expects 12 strides");
+  AttentionParams p{};
+  p.o_ptr = ptr<void>(o); p.q_ptr = ptr<const void>(q); p.k_ptr = ptr<const void>(k); p.v_ptr = ptr<const void>(v);
+  p.o_b_stride = strides[0]; p.o_l_stride = strides[1]; p.o_h_stride = strides[2];
+  p.q_b_stride = strides[3]; p.q_l_stride = strides[4]; p.q_h_stride = strides[5];
+  p.k_b_stride = strides[6]; p.k_l_stride = strides[7]; p.k_h_stride = strides[8];
+  p.v_b_stride = strides[9]; p.v_l_stride = strides[10]; p.v_h_stride = strides[11];
+  p.key_start_ptr = ptr<const int32_t>(key_start);
+  p.key_end_ptr = ptr<const int32_t>(key_end);
+  p.B = B; p.Lq = Lq; p.Lk = Lk; p.Hq = Hq; p.Hkv = Hkv; p.D = D; p.scale = scale;
+  p.dtype = dtype_from_int(dtype);
+  return p;
+}
+
+#define LLADA_CONFIDENCE_ARGS                                                                                       \
+  py::arg("token"), py::arg("prob"), py::arg("logits"), py::arg("b_stride"), py::arg("n_stride"), py::arg("masked"), \
+      py::arg("B"), py::arg("N"), py::arg("V"), py::arg("dtype"), py::arg("temperature"), py::arg("seed"),          \
+      py::arg("offset"), py::arg("random_confidence"), py::arg("suppress_ids"), py::arg("zero_conf_ids")
+#define LLADA_REMASK_ARGS                                                                                            \
+  py::arg("canvas"), py::arg("canvas_b_stride"), py::arg("count"), py::arg("token"), py::arg("prob"), py::arg("k"), \
+      py::arg("B"), py::arg("N"), py::arg("start"), py::arg("mask_id"), py::arg("rule"), py::arg("threshold"),       \
+      py::arg("factor")
+#define LLADA_ATTENTION_ARGS                                                                                       \
+  py::arg("o"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("strides"), py::arg("key_start"),               \
+      py::arg("key_end"), py::arg("B"), py::arg("Lq"), py::arg("Lk"), py::arg("Hq"), py::arg("Hkv"), py::arg("D"), \
+      py::arg("scale"), py::arg("dtype")
+
+}  // namespace llada::bind

@@ -1,0 +1,39 @@
+// Philox4x32-10 counter-based RNG (Salmon et al., SC'11), identical on CPU, CUDA and in reference.py.
+// Stream layout: key = seed, counter = (column, row, offset_lo, offset_hi); one draw per (row, column).
+#pragma once
+#include "common.h"
+
+namespace llada {
+
+struct PhiloxOut { uint32_t x, y, z, w; };
+
+LLADA_HD uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
+  uint64_t p = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
+  *hi = static_cast<uint32_t>(p >> 32);
+  return static_cast<uint32_t>(p);
+}
+
+LLADA_HD PhiloxOut philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u, kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+  for (int round = 0; round < 10; ++round) {
+    uint32_t hi0, hi1;
+    uint32_t lo0 = mulhilo32(kM0, c0, &hi0);
+    uint32_t lo1 = mulhilo32(kM1, c2, &hi1);
+    uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+    c0 = n0; c1 = lo1; c2 = n2; c3 = lo0;
+    k0 += kW0; k1 += kW1;
+  }
+  return {c0, c1, c2, c3};
+}
+
+// Uniform in the open interval (0, 1): the top 24 bits of the first word, centred, so log(u) and log(-log(u)) are finite.
+LLADA_HD float philox_uniform(uint64_t seed, uint64_t offset, uint32_t row, uint32_t col) {
+  PhiloxOut r = philox4x32_10(col, row, static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32),
+                              static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  return (static_cast<float>(r.x >> 8) + 0.5f) * (1.0f / 16777216.0f);
+}
+
+// Column used for the random-remasking confidence draw of a row (never a vocabulary id).
+constexpr uint32_t kRandomConfidenceColumn = 0xFFFFFFFFu;
+
+}  // namespace llada

@@ -1,0 +1,40 @@
+"""Builds llada_rt._C (and llada_rt._emu) by running CMake with Ninja; CMakeLists.txt owns the source list."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        import pybind11
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(os.environ.get("LLADA_BUILD_DIR", ROOT / "build" / f"py{sys.version_info[0]}{sys.version_info[1]}"))
+        build_dir.mkdir(parents=True, exist_ok=True)
+        cmake_args = [
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DCMAKE_BUILD_TYPE={os.environ.get('LLADA_BUILD_TYPE', 'Release')}",
+            f"-DLLADA_CUDA={os.environ.get('LLADA_CUDA', 'AUTO')}",
+            f"-DLLADA_EMU={os.environ.get('LLADA_EMU', 'AUTO')}",
+        ]
+        if os.environ.get("LLADA_CUDA_ARCHS"):
+            cmake_args.append(f"-DLLADA_CUDA_ARCHS={os.environ['LLADA_CUDA_ARCHS']}")
+        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja", *cmake_args], check=True)
+        jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
+        subprocess.run(["cmake", "--build", str(build_dir), "-j", jobs], check=True)
+
+
+setup(ext_modules=[CMakeExtension("llada_rt._C")], cmdclass={"build_ext": CMakeBuild})
