@@ -211,6 +211,16 @@ T exch(unsigned mask, const T& v, int src) {
 }
 
 // ---- cp.async: data is read at issue (so ASan sees a bad source at its line), written at wait_group ------------------
+// Fixed-size copies compile to plain loads/stores, which the sanitizers instrument in the calling fiber (a libc
+// memset/memcpy call is not reliably attributed to the fiber by TSAN).
+inline void copy_small(void* dst, const void* src, int bytes) {
+  switch (bytes) {
+    case 4: std::memcpy(dst, src, 4); break;
+    case 8: std::memcpy(dst, src, 8); break;
+    case 16: std::memcpy(dst, src, 8); std::memcpy(static_cast<char*>(dst) + 8, static_cast<const char*>(src) + 8, 8); break;
+    default: fail("cp.async: bad size");
+  }
+}
 inline void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
   if (bytes != 4 && bytes != 8 && bytes != 16) fail("cp.async size must be 4, 8 or 16");
   if (reinterpret_cast<uintptr_t>(dst) % bytes || (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % bytes))
@@ -219,8 +229,11 @@ inline void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
   AsyncCopy c;
   c.dst = dst; c.bytes = bytes;
   std::memset(c.data, 0, sizeof c.data);  // bytes past src-size are zero-filled, as the ISA says
-  if (src_bytes > 0) std::memcpy(c.data, src, src_bytes);
-  std::memset(dst, 0xFF, bytes);  // contents are undefined until the wait: poison (a NaN pattern for bf16/fp16/fp32)
+  if (src_bytes == bytes) copy_small(c.data, src, bytes);
+  else for (int i = 0; i < src_bytes; ++i) c.data[i] = static_cast<const unsigned char*>(src)[i];
+  static const unsigned char poison[16] = {0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
+                                           0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF};
+  copy_small(dst, poison, bytes);  // contents are undefined until the wait: poison (a NaN pattern for bf16/fp16/fp32)
   Quiet q;
   cur->cp_open.push_back(c);
 }
@@ -235,7 +248,7 @@ inline void cp_async_wait(int n) {  // completes every committed group but the n
       cur->cp_groups.erase(cur->cp_groups.begin());
     }
   }
-  for (auto& g : done) for (auto& c : g) std::memcpy(c.dst, c.data, c.bytes);  // visible to TSAN as this fiber's writes
+  for (auto& g : done) for (auto& c : g) copy_small(c.dst, c.data, c.bytes);  // visible to TSAN as this fiber's writes
 }
 inline void cp_async_wait_all() { cp_async_commit(); cp_async_wait(0); }
 
@@ -244,31 +257,27 @@ inline void cp_async_wait_all() { cp_async_commit(); cp_async_wait(0); }
 // matrix i, register r[i] = elements (row l/4, cols 2*(l%4), 2*(l%4)+1); with .trans the matrix is transposed first,
 // i.e. elements (rows 2*(l%4), 2*(l%4)+1; col l/4).
 inline void ldmatrix(uint32_t* r, int num, bool trans, const void* row_addr) {
-  Quiet q;
-  Warp& w = warp();
-  int l = lane();
-  const void* mine = row_addr;
-  std::memcpy(w.slot[l], &mine, sizeof mine);
-  warp_sync(0xffffffffu, false, "ldmatrix");
   const unsigned char* rows[32];
-  for (int i = 0; i < 8 * num; ++i) {
-    std::memcpy(&rows[i], w.slot[i], sizeof rows[i]);
-    if (reinterpret_cast<uintptr_t>(rows[i]) % 16) fail("ldmatrix row address not 16-byte aligned");
+  int l;
+  {
+    Quiet q;
+    Warp& w = warp();
+    l = lane();
+    const void* mine = row_addr;
+    std::memcpy(w.slot[l], &mine, sizeof mine);
+    warp_sync(0xffffffffu, false, "ldmatrix");
+    for (int i = 0; i < 8 * num; ++i) {
+      std::memcpy(&rows[i], w.slot[i], sizeof rows[i]);
+      if (reinterpret_cast<uintptr_t>(rows[i]) % 16) fail("ldmatrix row address not 16-byte aligned");
+    }
+    warp_sync(0xffffffffu, false, "ldmatrix");
   }
-  warp_sync(0xffffffffu, false, "ldmatrix");
-  for (int m = 0; m < num; ++m) {
+  for (int m = 0; m < num; ++m) {  // the shared-memory reads themselves are visible to TSAN (outside Quiet)
     uint16_t e[2];
     for (int h = 0; h < 2; ++h) {
-      int row = trans ? 2 * (l % 4) + h : l / 4;
-      int col = trans ? l / 4 : 2 * (l % 4) + h;
-      const unsigned char* p = rows[8 * m + row] + 2 * col;
-#ifdef EMU_TSAN
-      AnnotateIgnoreReadsEnd("", 0);  // the shared-memory read itself is checked
-      std::memcpy(&e[h], p, 2);
-      AnnotateIgnoreReadsBegin("", 0);
-#else
-      std::memcpy(&e[h], p, 2);
-#endif
+      const int row = trans ? 2 * (l % 4) + h : l / 4;
+      const int col = trans ? l / 4 : 2 * (l % 4) + h;
+      std::memcpy(&e[h], rows[8 * m + row] + 2 * col, 2);
     }
     r[m] = uint32_t(e[0]) | (uint32_t(e[1]) << 16);
   }
