@@ -51,5 +51,13 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release nogil;
     run_remask(p, reinterpret_cast<void*>(stream));
   }, LLADA_REMASK_ARGS, py::arg("stream"));
+
+  m.def("attention_cuda", [](uintptr_t o, uintptr_t q, uintptr_t k, uintptr_t v, std::vector<int64_t> strides,
+                             uintptr_t key_start, uintptr_t key_end, int B, int Lq, int Lk, int Hq, int Hkv, int D,
+                             float scale, int dtype, uintptr_t stream) {
+    AttentionParams p = attention_params(o, q, k, v, strides, key_start, key_end, B, Lq, Lk, Hq, Hkv, D, scale, dtype);
+    py::gil_scoped_release nogil;
+    run_attention(p, reinterpret_cast<void*>(stream));
+  }, LLADA_ATTENTION_ARGS, py::arg("stream"));
 #endif
 }

@@ -74,7 +74,10 @@ struct Quiet {
 inline void hb_release(void* a) { __tsan_release(a); }
 inline void hb_acquire(void* a) { __tsan_acquire(a); }
 #else
-struct Quiet {};
+struct Quiet {  // user-provided ctor/dtor: no unused-variable warnings
+  Quiet() {}
+  ~Quiet() {}
+};
 inline void hb_release(void*) {}
 inline void hb_acquire(void*) {}
 #endif
@@ -97,12 +100,12 @@ struct Fiber {
 };
 
 struct Warp {
-  int arrived = 0;
-  unsigned long gen = 0;
-  char hb[2];
+  unsigned waiting = 0;             // lanes parked at a warp collective
+  unsigned wait_mask[32];           // the mask each parked lane passed
+  unsigned long lane_gen[32] = {};  // bumped when the lane's collective completes (what a parked lane waits on)
+  char lane_hb[32];                 // TSAN sync object per lane (__syncwarp)
   alignas(16) unsigned char slot[32][64];
-  unsigned long mma_gen = ~0ul;  // generation for which A/B below were assembled
-  float A[16][16], B[16][8];
+  float A[16][16], B[16][8];        // mma operands, assembled once per mma by the lane that completes it
 };
 
 struct Block {
@@ -173,7 +176,7 @@ inline void syncthreads(const char* file, int line) {
   if (b->bar_arrived == 0) { b->bar_file = file; b->bar_line = line; }
   else if (b->bar_line != line || std::strcmp(b->bar_file, file) != 0) {
     char m[512];
-    std::snprintf(m, sizeof m, "divergent __syncthreads: threads wait at %s:%d and at", b->bar_file, b->bar_line);
+    std::snprintf(m, sizeof m, "divergent __syncthreads: threads wait at %s:%d and", b->bar_file, b->bar_line);
     fail(m, file, line);
   }
   hb_release(&b->hb[g & 1]);
@@ -182,17 +185,36 @@ inline void syncthreads(const char* file, int line) {
   hb_acquire(&b->hb[g & 1]);
 }
 
-// Warp rendezvous of the lanes in `mask`. memory_order: __syncwarp semantics (a happens-before edge).
-inline void warp_sync(unsigned mask, bool memory_order = false, const char* file = "warp collective", int line = 0) {
+// Warp rendezvous of the lanes in `mask`: completes when every lane of mask waits here with the same mask, so
+// disjoint subsets of a warp may run collectives at the same time (as on sm_70+). `on_complete` runs once, in the
+// last lane to arrive, before anyone leaves. memory_order: __syncwarp semantics (a happens-before edge).
+template <class F>
+inline void warp_sync(unsigned mask, bool memory_order, const char* file, int line, F&& on_complete) {
   Quiet q;
-  if (!(mask >> lane() & 1u)) fail("warp op called by a lane not in its mask", file, line);
+  const int l = lane();
+  if (!(mask >> l & 1u)) fail("warp op called by a lane not in its mask", file, line);
   Warp& w = warp();
-  unsigned long g = w.gen;
+  const int base = cur->lin & ~31;
+  for (int i = 0; i < 32; ++i)
+    if ((mask >> i & 1u) && base + i >= blk->nthreads) fail("warp op mask names a lane past the end of the block", file, line);
   blk->events++;
-  if (memory_order) hb_release(&w.hb[g & 1]);
-  if (++w.arrived == __builtin_popcount(mask)) { w.arrived = 0; w.gen++; }
-  else yield(&w.gen, g, file, line);
-  if (memory_order) hb_acquire(&w.hb[g & 1]);
+  if (memory_order) hb_release(&w.lane_hb[l]);
+  w.waiting |= 1u << l;
+  w.wait_mask[l] = mask;
+  bool complete = (w.waiting & mask) == mask;
+  for (int i = 0; complete && i < 32; ++i) if (mask >> i & 1u) complete = w.wait_mask[i] == mask;
+  if (complete) {
+    on_complete();
+    w.waiting &= ~mask;
+    for (int i = 0; i < 32; ++i) if (mask >> i & 1u) w.lane_gen[i]++;
+  } else {
+    const unsigned long g = w.lane_gen[l];
+    yield(&w.lane_gen[l], g, file, line);
+  }
+  if (memory_order) for (int i = 0; i < 32; ++i) if (mask >> i & 1u) hb_acquire(&w.lane_hb[i]);
+}
+inline void warp_sync(unsigned mask, bool memory_order = false, const char* file = "warp collective", int line = 0) {
+  warp_sync(mask, memory_order, file, line, [] {});
 }
 
 // Two-phase exchange: every lane in mask publishes, then reads lane `src`.
@@ -290,7 +312,7 @@ inline void ldmatrix(uint32_t* r, int num, bool trans, const void* row_addr) {
 //   C/D (16x8, 4 fp32): row = g for i < 2, else g+8;            col = 2t + (i&1)
 inline float half_bits_to_float(uint16_t h, bool bf16) {
   if (bf16) { uint32_t u = uint32_t(h) << 16; float f; std::memcpy(&f, &u, 4); return f; }
-  __half x; std::memcpy(&x, &h, 2); return __half2float(x);
+  __half_raw raw; raw.x = h; return __half2float(__half(raw));
 }
 inline int mma_a_row(int lane, int i) { return (lane >> 2) + ((i == 2 || i == 3 || i == 6 || i == 7) ? 8 : 0); }
 inline int mma_a_col(int lane, int i) { return (lane & 3) * 2 + (i & 1) + (i >= 4 ? 8 : 0); }
@@ -307,9 +329,7 @@ inline void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], c
   Warp& w = warp();
   int l = lane();
   std::memcpy(w.slot[l], &p, sizeof p);
-  warp_sync(0xffffffffu, false, "mma.sync");
-  if (w.mma_gen != w.gen) {  // the first lane out assembles A and B for the whole warp
-    w.mma_gen = w.gen;
+  warp_sync(0xffffffffu, false, "mma.sync", 0, [&w, bf16] {
     for (int s = 0; s < 32; ++s) {
       P x; std::memcpy(&x, w.slot[s], sizeof x);
       for (int i = 0; i < 8; ++i)
@@ -317,7 +337,7 @@ inline void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], c
       for (int i = 0; i < 4; ++i)
         w.B[mma_b_row(s, i)][mma_b_col(s, i)] = half_bits_to_float(uint16_t(x.b[i >> 1] >> (16 * (i & 1))), bf16);
     }
-  }
+  });
   float out[4];
   for (int i = 0; i < 4; ++i) {
     int r = mma_c_row(l, i), col = mma_c_col(l, i);
@@ -359,6 +379,8 @@ inline void report_deadlock(Block& b) {
   fail("deadlock: a barrier or warp collective can never complete");
 }
 
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wclobbered"  // swapcontext returns twice; loop state lives in Block
 template <class K, class... A>
 void launch(K kernel, dim3 grid, dim3 block, size_t dyn_smem, A... args) {
   Block b;
@@ -429,6 +451,7 @@ void launch(K kernel, dim3 grid, dim3 block, size_t dyn_smem, A... args) {
       }
   blk = saved;
 }
+#pragma GCC diagnostic pop
 
 inline dim3 tid() { Quiet q; return cur->tid; }
 inline Block* B() { Quiet q; return blk; }

@@ -1,0 +1,221 @@
+// attention_kernel: bidirectional flash attention forward (mma.sync m16n8k16, ldmatrix, cp.async double buffering).
+// Compiled by nvcc (attention.cu) and by g++ against the SIMT emulator (bindings/emu_attention.cpp, tests/emu).
+#pragma once
+#include "attention.h"
+#include "ptx.cuh"
+
+namespace llada {
+
+constexpr int kAttnBlockM = 64;   // query rows per block: 4 warps x 16 rows
+constexpr int kAttnBlockN = 64;   // keys per tile
+constexpr int kAttnThreads = 128;
+
+// smem rows are padded by 16 bytes: 8 ldmatrix rows then start in 8 different 4-bank groups (conflict-free)
+template <int kHeadDim> constexpr int kAttnSmemStride = kHeadDim + 8;
+
+// Q tile + double-buffered K and V tiles
+template <class T, int kHeadDim>
+constexpr size_t attention_smem_bytes() {
+  return size_t(kAttnBlockM + 4 * kAttnBlockN) * kAttnSmemStride<kHeadDim> * sizeof(T);
+}
+
+inline dim3 attention_grid(const AttentionParams& p) {
+  return dim3((p.Lq + kAttnBlockM - 1) / kAttnBlockM, p.Hq, p.B);
+}
+
+namespace attn_detail {
+
+// Issues cp.async for rows [row0, row0 + kRows) of a [L, D] head slice into smem (row stride kStride), zero-filling
+// rows >= row_end. Every thread of the block takes part.
+template <class T, int kHeadDim, int kRows>
+LLADA_DEVICE void load_tile(T* smem, const T* gmem, int64_t row_stride, int row0, int row_end, int tid) {
+  constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
+  constexpr int kStride = kAttnSmemStride<kHeadDim>;
+#pragma unroll
+  for (int c = tid; c < kRows * kChunks; c += kAttnThreads) {
+    const int r = c / kChunks, col = (c % kChunks) * 8;
+    const bool in = row0 + r < row_end;
+    // out-of-range rows point at the slice start so that no address past the tensor is ever formed
+    const T* src = gmem + (in ? (int64_t)(row0 + r) * row_stride + col : 0);
+    ptx::cp_async_16(ptx::smem_addr(smem + r * kStride + col), src, in);
+  }
+}
+
+}  // namespace attn_detail
+
+// grid (ceil(Lq / 64), Hq, B), block 128, dynamic smem attention_smem_bytes<T, kHeadDim>().
+// Warp w owns query rows [16w, 16w + 16) of the block; per key tile: S = Q K^T (fp32), online softmax in base 2,
+// O += P V with P rounded to T. All rows of a block share the batch row's key range, so every tile holds a valid key.
+template <class T, int kHeadDim>
+__global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttentionParams p) {
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "head dim 64 or 128");
+  constexpr int kStride = kAttnSmemStride<kHeadDim>;
+  constexpr int kTileElems = kAttnBlockN * kStride;
+  constexpr int kKSteps = kHeadDim / 16;      // k-steps of S = Q K^T
+  constexpr int kNTiles = kAttnBlockN / 8;    // 8-key accumulator tiles of S
+  constexpr int kDTiles = kHeadDim / 8;       // 8-column accumulator tiles of O
+  LLADA_DYN_SMEM(T, smem);
+  T* sQ = smem;
+  T* sK = sQ + kAttnBlockM * kStride;  // [2][kAttnBlockN][kStride]
+  T* sV = sK + 2 * kTileElems;         // [2][kAttnBlockN][kStride]
+
+  const int m0 = blockIdx.x * kAttnBlockM, h = blockIdx.y, b = blockIdx.z;
+  const int hkv = h / (p.Hq / p.Hkv);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;  // fragment groupID / threadID_in_group
+
+  int key_start = p.key_start_ptr ? p.key_start_ptr[b] : 0;
+  int key_end = p.key_end_ptr ? p.key_end_ptr[b] : p.Lk;
+  key_start = max(key_start, 0);
+  key_end = min(key_end, p.Lk);
+
+  const T* q = static_cast<const T*>(p.q_ptr) + b * p.q_b_stride + h * p.q_h_stride;
+  const T* k = static_cast<const T*>(p.k_ptr) + b * p.k_b_stride + hkv * p.k_h_stride;
+  const T* v = static_cast<const T*>(p.v_ptr) + b * p.v_b_stride + hkv * p.v_h_stride;
+  T* o = static_cast<T*>(p.o_ptr) + b * p.o_b_stride + h * p.o_h_stride;
+  // this lane's two output rows (fragment rows g and g + 8 of the warp's 16)
+  const int row_lo = m0 + warp * 16 + g, row_hi = row_lo + 8;
+
+  if (key_end <= key_start) {  // no valid key: the row attends to nothing and outputs zeros (uniform per block)
+#pragma unroll
+    for (int nd = 0; nd < kDTiles; ++nd) {
+      const int col = nd * 8 + 2 * t;
+      if (row_lo < p.Lq) *reinterpret_cast<uint32_t*>(o + (int64_t)row_lo * p.o_l_stride + col) = 0u;
+      if (row_hi < p.Lq) *reinterpret_cast<uint32_t*>(o + (int64_t)row_hi * p.o_l_stride + col) = 0u;
+    }
+    return;
+  }
+
+  const int n_tiles = (key_end - key_start + kAttnBlockN - 1) / kAttnBlockN;
+  attn_detail::load_tile<T, kHeadDim, kAttnBlockM>(sQ, q, p.q_l_stride, m0, p.Lq, tid);
+  attn_detail::load_tile<T, kHeadDim, kAttnBlockN>(sK, k, p.k_l_stride, key_start, key_end, tid);
+  attn_detail::load_tile<T, kHeadDim, kAttnBlockN>(sV, v, p.v_l_stride, key_start, key_end, tid);
+  ptx::cp_async_commit();
+
+  const float scale_log2 = p.scale * 1.4426950408889634f;  // softmax in base 2: exp(x) = exp2(x * log2 e)
+  uint32_t qf[kKSteps][4];                                 // the warp's Q rows as A fragments, loaded once
+  float acc[kDTiles][4];
+#pragma unroll
+  for (int nd = 0; nd < kDTiles; ++nd) acc[nd][0] = acc[nd][1] = acc[nd][2] = acc[nd][3] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+
+  for (int it = 0; it < n_tiles; ++it) {
+    const int n0 = key_start + it * kAttnBlockN;
+    const int buf = it & 1;
+    if (it + 1 < n_tiles) {  // prefetch the next tile into the other buffer while this one is used
+      attn_detail::load_tile<T, kHeadDim, kAttnBlockN>(sK + (buf ^ 1) * kTileElems, k, p.k_l_stride,
+                                                       n0 + kAttnBlockN, key_end, tid);
+      attn_detail::load_tile<T, kHeadDim, kAttnBlockN>(sV + (buf ^ 1) * kTileElems, v, p.v_l_stride,
+                                                       n0 + kAttnBlockN, key_end, tid);
+      ptx::cp_async_commit();
+      ptx::cp_async_wait<1>();
+    } else {
+      ptx::cp_async_wait<0>();
+    }
+    __syncthreads();  // this tile (and Q) written by every thread's copies
+
+    if (it == 0) {
+      // A fragment = 4 8x8 matrices: (rows 0-7 | 8-15) x (cols 0-7 | 8-15), lane 8i+j addresses row j of matrix i
+      const T* qrow = sQ + (warp * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * kStride + (lane >> 4) * 8;
+#pragma unroll
+      for (int kk = 0; kk < kKSteps; ++kk) ptx::ldmatrix_x4(qf[kk], ptx::smem_addr(qrow + kk * 16));
+    }
+
+    // S = Q K^T. K is [key][d] in smem, which is B^T row-major: non-transposed ldmatrix gives the B fragment.
+    // x4 matrices: (keys 0-7, d 0-7), (keys 0-7, d 8-15), (keys 8-15, d 0-7), (keys 8-15, d 8-15).
+    const T* kb = sK + buf * kTileElems;
+    const T* krow = kb + ((lane >> 4) * 8 + (lane & 7)) * kStride + ((lane >> 3) & 1) * 8;
+    float s[kNTiles][4];
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+#pragma unroll
+      for (int np = 0; np < kNTiles / 2; ++np) {
+        uint32_t kf[4];
+        ptx::ldmatrix_x4(kf, ptx::smem_addr(krow + np * 16 * kStride + kk * 16));
+        ptx::mma_m16n8k16<T>(s[2 * np], qf[kk], kf, s[2 * np]);
+        ptx::mma_m16n8k16<T>(s[2 * np + 1], qf[kk], kf + 2, s[2 * np + 1]);
+      }
+    }
+
+    // online softmax; keys past key_end (only in the last tile) get -inf
+    const bool partial = n0 + kAttnBlockN > key_end;
+    float new_max[2] = {row_max[0], row_max[1]};
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int key = n0 + nt * 8 + 2 * t + (i & 1);  // C fragment column
+        float x = s[nt][i] * scale_log2;
+        if (partial && key >= key_end) x = -INFINITY;
+        s[nt][i] = x;
+        new_max[i >> 1] = fmaxf(new_max[i >> 1], x);
+      }
+    }
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {  // a row's 8-key slices live in the 4 lanes of a quad
+      new_max[r] = fmaxf(new_max[r], __shfl_xor_sync(0xffffffffu, new_max[r], 1));
+      new_max[r] = fmaxf(new_max[r], __shfl_xor_sync(0xffffffffu, new_max[r], 2));
+      alpha[r] = exp2f(row_max[r] - new_max[r]);  // first tile: exp2(-inf) = 0 (new_max is finite)
+      row_max[r] = new_max[r];
+      row_sum[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        s[nt][i] = exp2f(s[nt][i] - row_max[i >> 1]);
+        row_sum[i >> 1] += s[nt][i];
+      }
+    }
+#pragma unroll
+    for (int nd = 0; nd < kDTiles; ++nd) {
+      acc[nd][0] *= alpha[0]; acc[nd][1] *= alpha[0];
+      acc[nd][2] *= alpha[1]; acc[nd][3] *= alpha[1];
+    }
+
+    // O += P V. The C fragments of two adjacent 8-key tiles of S are the A fragment of one 16-key step.
+    // V is [key][d] (B row-major): transposed ldmatrix gives the B fragment.
+    // x4.trans matrices: (keys 0-7, d 0-7), (keys 8-15, d 0-7), (keys 0-7, d 8-15), (keys 8-15, d 8-15).
+    const T* vb = sV + buf * kTileElems;
+    const T* vrow = vb + (((lane >> 3) & 1) * 8 + (lane & 7)) * kStride + (lane >> 4) * 8;
+#pragma unroll
+    for (int j = 0; j < kAttnBlockN / 16; ++j) {
+      const uint32_t pa[4] = {ptx::pack2<T>(s[2 * j][0], s[2 * j][1]), ptx::pack2<T>(s[2 * j][2], s[2 * j][3]),
+                              ptx::pack2<T>(s[2 * j + 1][0], s[2 * j + 1][1]),
+                              ptx::pack2<T>(s[2 * j + 1][2], s[2 * j + 1][3])};
+#pragma unroll
+      for (int dp = 0; dp < kDTiles / 2; ++dp) {
+        uint32_t vf[4];
+        ptx::ldmatrix_x4_trans(vf, ptx::smem_addr(vrow + j * 16 * kStride + dp * 16));
+        ptx::mma_m16n8k16<T>(acc[2 * dp], pa, vf, acc[2 * dp]);
+        ptx::mma_m16n8k16<T>(acc[2 * dp + 1], pa, vf + 2, acc[2 * dp + 1]);
+      }
+    }
+#ifndef LLADA_PLANT_RACE
+    __syncthreads();  // every warp is done with this buffer before the next iteration's prefetch overwrites it
+#endif
+  }
+
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
+    inv[r] = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;
+  }
+#pragma unroll
+  for (int nd = 0; nd < kDTiles; ++nd) {
+    const int col = nd * 8 + 2 * t;
+    if (row_lo < p.Lq)
+      *reinterpret_cast<uint32_t*>(o + (int64_t)row_lo * p.o_l_stride + col) =
+          ptx::pack2<T>(acc[nd][0] * inv[0], acc[nd][1] * inv[0]);
+    if (row_hi < p.Lq)
+      *reinterpret_cast<uint32_t*>(o + (int64_t)row_hi * p.o_l_stride + col) =
+          ptx::pack2<T>(acc[nd][2] * inv[1], acc[nd][3] * inv[1]);
+  }
+}
+
+}  // namespace llada
