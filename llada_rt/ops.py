@@ -27,3 +27,150 @@ def _require_cuda_build(op: str) -> None:
     if not _C.with_cuda:
         raise RuntimeError(f"llada_rt.ops.{op}: this build of llada_rt has no CUDA kernels (it was built without nvcc "
                            "or with LLADA_CUDA=OFF); reinstall with nvcc on PATH to run on the GPU")
+
+
+# ---- confidence ----------------------------------------------------------------------------------------------------
+
+_lib.define("confidence(Tensor logits, Tensor masked, float temperature, int seed, int offset, bool random_confidence, "
+            "int[] suppress_ids, int[] zero_conf_ids) -> (Tensor, Tensor)")
+
+MAX_SPECIAL_IDS = 8   # kMaxSpecialIds in csrc/common.h
+_U63 = 1 << 63
+
+
+def _check_confidence(logits, masked, temperature, seed, offset, suppress_ids, zero_conf_ids) -> None:
+    op = "confidence"
+    _check(logits.dtype in DTYPE_CODES, op, f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    _check(logits.dim() == 3, op, f"logits must be (B, N, V), got shape {tuple(logits.shape)}")
+    B, N, V = logits.shape
+    _check(V > 0, op, "logits must have V > 0")
+    _check(V < 2**31 and B * N < 2**31, op, f"logits shape {tuple(logits.shape)} is too large")
+    _check(logits.stride(-1) == 1, op, f"logits must have unit stride over V, got strides {logits.stride()}")
+    _check(masked.dtype == torch.bool, op, f"masked must be bool, got {masked.dtype}")
+    _check(tuple(masked.shape) == (B, N), op, f"masked must be (B, N) = {(B, N)}, got {tuple(masked.shape)}")
+    _check(masked.device == logits.device, op, f"masked is on {masked.device} but logits are on {logits.device}")
+    _check(temperature >= 0.0 and temperature == temperature, op, f"temperature must be >= 0, got {temperature}")
+    _check(0 <= seed < _U63 and 0 <= offset < _U63, op, f"seed and offset must be in [0, 2**63), got {seed}, {offset}")
+    for name, ids in (("suppress_ids", suppress_ids), ("zero_conf_ids", zero_conf_ids)):
+        _check(len(ids) <= MAX_SPECIAL_IDS, op, f"at most {MAX_SPECIAL_IDS} {name} are supported, got {len(ids)}")
+        bad = [i for i in ids if not 0 <= i < V]
+        _check(not bad, op, f"{name} {bad} are outside the vocabulary [0, {V})")
+    _check(len(set(suppress_ids)) < V, op, "suppress_ids must leave at least one id of the vocabulary")
+
+
+def _confidence_impl(logits, masked, temperature, seed, offset, random_confidence, suppress_ids, zero_conf_ids):
+    _check_confidence(logits, masked, temperature, seed, offset, suppress_ids, zero_conf_ids)
+    B, N, V = logits.shape
+    masked = masked.contiguous()
+    token = torch.empty((B, N), dtype=torch.int64, device=logits.device)   # (B, N)
+    prob = torch.empty((B, N), dtype=torch.float32, device=logits.device)  # (B, N)
+    args = (token.data_ptr(), prob.data_ptr(), logits.data_ptr(), logits.stride(0), logits.stride(1),
+            masked.data_ptr(), B, N, V, DTYPE_CODES[logits.dtype], float(temperature), seed, offset,
+            bool(random_confidence), list(suppress_ids), list(zero_conf_ids))
+    if token.numel() > 0:
+        if logits.is_cuda:
+            _require_cuda_build("confidence")
+            _C.confidence_cuda(*args, _stream(logits))
+        else:
+            _C.confidence_cpu(*args)
+    return token, prob
+
+
+_lib.impl("confidence", _confidence_impl, "CPU")
+_lib.impl("confidence", _confidence_impl, "CUDA")
+
+
+@torch.library.register_fake("llada_rt::confidence")
+def _confidence_fake(logits, masked, temperature, seed, offset, random_confidence, suppress_ids, zero_conf_ids):
+    _check_confidence(logits, masked, temperature, seed, offset, suppress_ids, zero_conf_ids)
+    B, N, _ = logits.shape
+    return (logits.new_empty((B, N), dtype=torch.int64), logits.new_empty((B, N), dtype=torch.float32))
+
+
+def confidence(logits: torch.Tensor, masked: torch.Tensor, *, temperature: float = 0.0, seed: int = 0, offset: int = 0,
+               random_confidence: bool = False, suppress_ids=(), zero_conf_ids=()):
+    """Argmax token and its softmax probability per masked row: logits (B, N, V), masked bool (B, N) ->
+    token int64 (B, N) (-1 where not masked), prob float32 (B, N) (-inf where not masked).
+
+    temperature > 0 adds Gumbel noise (Philox, keyed by seed/offset) to the argmax only; suppress_ids are -inf before
+    everything; zero_conf_ids can be chosen but get prob 0 and are left out of the softmax; random_confidence replaces
+    prob by a Philox uniform draw per row. Rows whose logits are all -inf get the lowest non-suppressed id, prob 0.
+    """
+    return torch.ops.llada_rt.confidence(logits, masked, float(temperature), int(seed), int(offset),
+                                         bool(random_confidence), [int(i) for i in suppress_ids],
+                                         [int(i) for i in zero_conf_ids])
+
+
+# ---- remask --------------------------------------------------------------------------------------------------------
+
+_lib.define("remask(Tensor(a!) canvas, Tensor token, Tensor prob, Tensor? k, int start, int mask_id, int rule, "
+            "float threshold, float factor) -> Tensor")
+
+REMASK_RULES = {"topk": 0, "threshold": 1, "factor": 2}
+
+
+def _check_remask(canvas, token, prob, k, start, rule) -> None:
+    op = "remask"
+    _check(canvas.dtype == torch.int64, op, f"canvas must be int64, got {canvas.dtype}")
+    _check(canvas.dim() == 2, op, f"canvas must be (B, T), got shape {tuple(canvas.shape)}")
+    _check(canvas.stride(-1) == 1, op, f"canvas must have unit stride over T (it is written in place), got strides "
+           f"{canvas.stride()}")
+    B, T = canvas.shape
+    _check(token.dtype == torch.int64, op, f"token must be int64, got {token.dtype}")
+    _check(prob.dtype == torch.float32, op, f"prob must be float32, got {prob.dtype}")
+    _check(token.dim() == 2 and token.shape[0] == B, op, f"token must be (B, N) with B = {B}, got {tuple(token.shape)}")
+    N = token.shape[1]
+    _check(tuple(prob.shape) == (B, N), op, f"prob must be (B, N) = {(B, N)}, got {tuple(prob.shape)}")
+    _check(N <= 1024, op, f"the block length N must be <= 1024, got {N}")
+    _check(0 <= start and start + N <= T, op, f"the block [start, start + N) = [{start}, {start + N}) is outside the "
+           f"canvas of length T = {T}")
+    _check(rule in REMASK_RULES.values(), op, f"unknown rule code {rule}")
+    for name, t in (("token", token), ("prob", prob)):
+        _check(t.device == canvas.device, op, f"{name} is on {t.device} but canvas is on {canvas.device}")
+    if rule == REMASK_RULES["topk"]:
+        _check(k is not None, op, "rule 'topk' needs k, an int64 tensor (B,) of positions to commit per row")
+        _check(k.dtype == torch.int64 and tuple(k.shape) == (B,), op,
+               f"k must be int64 (B,) = ({B},), got {k.dtype} {tuple(k.shape)}")
+        _check(k.device == canvas.device, op, f"k is on {k.device} but canvas is on {canvas.device}")
+
+
+def _remask_impl(canvas, token, prob, k, start, mask_id, rule, threshold, factor):
+    _check_remask(canvas, token, prob, k, start, rule)
+    B, N = token.shape
+    token, prob = token.contiguous(), prob.contiguous()
+    k = k.contiguous() if (k is not None and rule == REMASK_RULES["topk"]) else None
+    count = torch.zeros((B,), dtype=torch.int32, device=canvas.device)   # (B,)
+    if B > 0 and N > 0:
+        args = (canvas.data_ptr(), canvas.stride(0), count.data_ptr(), token.data_ptr(), prob.data_ptr(),
+                0 if k is None else k.data_ptr(), B, N, start, mask_id, rule, float(threshold), float(factor))
+        if canvas.is_cuda:
+            _require_cuda_build("remask")
+            _C.remask_cuda(*args, _stream(canvas))
+        else:
+            _C.remask_cpu(*args)
+    return count
+
+
+_lib.impl("remask", _remask_impl, "CPU")
+_lib.impl("remask", _remask_impl, "CUDA")
+
+
+@torch.library.register_fake("llada_rt::remask")
+def _remask_fake(canvas, token, prob, k, start, mask_id, rule, threshold, factor):
+    _check_remask(canvas, token, prob, k, start, rule)
+    return canvas.new_empty((canvas.shape[0],), dtype=torch.int32)
+
+
+def remask(canvas: torch.Tensor, token: torch.Tensor, prob: torch.Tensor, *, start: int, mask_id: int,
+           k: torch.Tensor | None = None, rule: str = "topk", threshold: float = 0.9, factor: float = 1.0):
+    """Commit masked positions of the block canvas[:, start:start+N] in place: canvas int64 (B, T) (mutated),
+    token int64 (B, N), prob float32 (B, N) -> count int32 (B,) of positions committed per row.
+
+    rule 'topk': the k[b] most confident masked positions (k int64 (B,), a device tensor: no host sync);
+    'threshold': every masked position with prob >= threshold, at least the most confident one; 'factor':
+    Fast-dLLM's factor rule. Ties in prob go to the lower position; committed positions are never touched.
+    """
+    _check(rule in REMASK_RULES, "remask", f"rule must be one of {', '.join(REMASK_RULES)}, got {rule!r}")
+    return torch.ops.llada_rt.remask(canvas, token, prob, k, int(start), int(mask_id), REMASK_RULES[rule],
+                                     float(threshold), float(factor))
+

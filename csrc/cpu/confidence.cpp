@@ -1,0 +1,282 @@
+// CPU confidence: per masked row, one pass over V in L1-sized chunks -> argmax token of the (noisy) logits and its
+// softmax probability; never materializes probabilities.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "confidence.h"
+#include "philox.h"
+
+#pragma GCC diagnostic ignored "-Wpsabi"  // vector arguments of always-inline helpers never cross an ABI boundary
+
+#define LLADA_ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace llada {
+namespace {
+
+constexpr int kChunk = 2048;  // 8 KiB of fp32 per buffer: a chunk is converted once and re-read from L1
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+LLADA_ALWAYS_INLINE float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+LLADA_ALWAYS_INLINE uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+
+// Vectors of W fp32 lanes in GCC/clang vector extensions, W = the native width of the target the row loop is compiled
+// for (16 for AVX-512, 8 for AVX2, 4 otherwise): explicit lanes let the reductions vectorize without -ffast-math
+// (which would also drop the inf/NaN semantics relied on here), and a width above the native one would be scalarized.
+template <int W> struct VecTypes;
+template <> struct VecTypes<4> {
+  typedef float F __attribute__((vector_size(16)));
+  typedef int32_t I __attribute__((vector_size(16)));
+  typedef uint16_t H __attribute__((vector_size(8)));
+};
+template <> struct VecTypes<8> {
+  typedef float F __attribute__((vector_size(32)));
+  typedef int32_t I __attribute__((vector_size(32)));
+  typedef uint16_t H __attribute__((vector_size(16)));
+};
+template <> struct VecTypes<16> {
+  typedef float F __attribute__((vector_size(64)));
+  typedef int32_t I __attribute__((vector_size(64)));
+  typedef uint16_t H __attribute__((vector_size(32)));
+};
+
+template <int W>
+struct Vec {
+  using F = typename VecTypes<W>::F;
+  using I = typename VecTypes<W>::I;
+  using H = typename VecTypes<W>::H;
+  static LLADA_ALWAYS_INLINE F splat(float v) { return F{} + v; }
+  static LLADA_ALWAYS_INLINE F load(const float* p) { F v; std::memcpy(&v, p, sizeof v); return v; }
+  static LLADA_ALWAYS_INLINE void store(float* p, const F& v) { std::memcpy(p, &v, sizeof v); }
+  static LLADA_ALWAYS_INLINE I load_u16(const uint16_t* p) {
+    H h;
+    std::memcpy(&h, p, sizeof h);
+    return __builtin_convertvector(h, I);
+  }
+  template <class To, class From>
+  static LLADA_ALWAYS_INLINE To cast(const From& v) { To t; std::memcpy(&t, &v, sizeof t); return t; }
+
+  // exp(x) for the softmax sum: x = n ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial (relative
+  // error < 2e-7 there), 2^n through the exponent bits. exp(x) = 0 for x < -87 (terms < 1e-37 of a sum that is
+  // >= 1), so -inf gives 0, never NaN.
+  static LLADA_ALWAYS_INLINE F exp(const F& x) {
+    const F lo = splat(-87.0f), hi = splat(88.0f), shifter = splat(12582912.0f);
+    F xc = x > lo ? x : lo;
+    xc = xc < hi ? xc : hi;
+    // Adding 1.5 * 2^23 rounds xc / ln2 to the nearest integer n and leaves n in the low mantissa bits.
+    F t = xc * 1.44269504088896341f + shifter;
+    F n = t - shifter;
+    F r = xc - n * 0.693145751953125f;  // ln2 split hi + lo: n * ln2_hi is exact
+    r = r - n * 1.428606765330187e-06f;
+    F p = splat(1.0f / 720.0f);
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    I pow2n = (cast<I>(t) - cast<I>(shifter) + 127) << 23;
+    F e = p * cast<F>(pow2n);
+    return x < lo ? splat(0.0f) : e;
+  }
+
+  // fp16 bits -> fp32: rebias the exponent with one multiply by 2^112 (exact, also for subnormals); inf/nan keep an
+  // all-ones exponent.
+  static LLADA_ALWAYS_INLINE F half_to_float(const I& h) {
+    I em = (h & 0x7fff) << 13;
+    I sign = (h & 0x8000) << 16;
+    I bits = cast<I>(cast<F>(em) * 0x1p112f);
+    bits = em >= (0x7c00 << 13) ? (em | 0x7f800000) : bits;
+    return cast<F>(bits | sign);
+  }
+};
+
+LLADA_ALWAYS_INLINE float scalar_half_to_float(uint16_t h) {
+  return Vec<4>::half_to_float(Vec<4>::I{} + static_cast<int32_t>(h))[0];
+}
+LLADA_ALWAYS_INLINE float scalar_exp(float x) { return Vec<4>::exp(Vec<4>::splat(x))[0]; }
+
+template <int W>
+LLADA_ALWAYS_INLINE void load_chunk(const void* row, int64_t c0, int n, DType dtype, float* __restrict__ dst) {
+  using V = Vec<W>;
+  int i = 0;
+  if (dtype == DType::kFloat32) {
+    std::memcpy(dst, static_cast<const float*>(row) + c0, sizeof(float) * n);
+    return;
+  }
+  const uint16_t* src = static_cast<const uint16_t*>(row) + c0;
+  if (dtype == DType::kBFloat16) {
+    for (; i + W <= n; i += W) V::store(dst + i, V::template cast<typename V::F>(V::load_u16(src + i) << 16));
+    for (; i < n; ++i) { uint32_t u = static_cast<uint32_t>(src[i]) << 16; std::memcpy(dst + i, &u, 4); }
+  } else {
+    for (; i + W <= n; i += W) V::store(dst + i, V::half_to_float(V::load_u16(src + i)));
+    for (; i < n; ++i) dst[i] = scalar_half_to_float(src[i]);
+  }
+}
+
+// NaN compares false, so a NaN logit is never the maximum.
+template <int W>
+LLADA_ALWAYS_INLINE float chunk_max(const float* __restrict__ x, int n) {
+  using V = Vec<W>;
+  typename V::F m = V::splat(kNegInf);
+  int i = 0;
+  for (; i + W <= n; i += W) {
+    typename V::F v = V::load(x + i);
+    m = v > m ? v : m;
+  }
+  float r = kNegInf;
+  for (int l = 0; l < W; ++l) r = m[l] > r ? m[l] : r;
+  for (; i < n; ++i) r = x[i] > r ? x[i] : r;
+  return r;
+}
+
+template <int W>
+LLADA_ALWAYS_INLINE float chunk_sum_exp(const float* __restrict__ x, int n, float mx) {
+  using V = Vec<W>;
+  typename V::F s0 = V::splat(0.0f), s1 = s0;  // two chains hide the add latency
+  int i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    s0 += V::exp(V::load(x + i) - mx);
+    s1 += V::exp(V::load(x + i + W) - mx);
+  }
+  for (; i + W <= n; i += W) s0 += V::exp(V::load(x + i) - mx);
+  s0 += s1;
+  float r = 0.0f;
+  for (int l = 0; l < W; ++l) r += s0[l];
+  for (; i < n; ++i) r += scalar_exp(x[i] - mx);
+  return r;
+}
+
+// key = logit + temperature * gumbel, gumbel = -log(-log(u)) with u the Philox draw of (row, column)
+LLADA_ALWAYS_INLINE void add_gumbel(float* __restrict__ key, const float* __restrict__ logit, int n, int64_t col0,
+                                    float temperature, uint64_t seed, uint64_t offset, uint32_t row) {
+  for (int i = 0; i < n; ++i) {
+    float u = philox_uniform(seed, offset, row, static_cast<uint32_t>(col0 + i));
+    key[i] = logit[i] + temperature * -std::log(-std::log(u));
+  }
+}
+
+inline int first_index_of(const float* x, int n, float v) {
+  for (int i = 0; i < n; ++i)
+    if (x[i] == v) return i;
+  return n;
+}
+
+inline bool contains(const int64_t* ids, int n, int64_t v) {
+  for (int i = 0; i < n; ++i)
+    if (ids[i] == v) return true;
+  return false;
+}
+
+struct RowResult { int64_t token; float prob; };
+
+template <int W>
+LLADA_ALWAYS_INLINE RowResult confidence_row(const ConfidenceParams& p, const void* row_ptr, uint32_t row) {
+  alignas(64) float logit[kChunk];
+  alignas(64) float key_buf[kChunk];
+  const bool noisy = p.temperature > 0.0f;
+  const bool want_prob = !p.random_confidence;
+  float* key = noisy ? key_buf : logit;
+  float best_key = kNegInf, best_logit = kNegInf;  // argmax so far; strict '>' keeps the lowest id on ties
+  int64_t best_id = -1;
+  float run_max = kNegInf, run_sum = 0.0f;  // online softmax over the ids that are neither suppressed nor zero-conf
+  for (int64_t c0 = 0; c0 < p.V; c0 += kChunk) {
+    const int n = static_cast<int>(std::min<int64_t>(kChunk, p.V - c0));
+    load_chunk<W>(row_ptr, c0, n, p.dtype, logit);
+    for (int s = 0; s < p.n_suppress; ++s) {
+      const int64_t id = p.suppress_ids[s] - c0;
+      if (id >= 0 && id < n) logit[id] = kNegInf;
+    }
+    if (noisy) add_gumbel(key, logit, n, c0, p.temperature, p.seed, p.offset, row);
+    const float chunk_best = chunk_max<W>(key, n);
+    if (chunk_best > best_key) {
+      const int i = first_index_of(key, n, chunk_best);
+      best_key = chunk_best;
+      best_id = c0 + i;
+      best_logit = logit[i];
+    }
+    if (!want_prob) continue;
+    bool has_zero_conf = false;
+    for (int s = 0; s < p.n_zero_conf; ++s) {
+      const int64_t id = p.zero_conf_ids[s] - c0;
+      if (id >= 0 && id < n) { logit[id] = kNegInf; has_zero_conf = true; }
+    }
+    const float chunk_logit_max = (noisy || has_zero_conf) ? chunk_max<W>(logit, n) : chunk_best;
+    if (!(chunk_logit_max > kNegInf)) continue;  // nothing of this chunk is in the softmax
+    if (chunk_logit_max > run_max) {
+      run_sum *= scalar_exp(run_max - chunk_logit_max);
+      run_max = chunk_logit_max;
+    }
+    run_sum += chunk_sum_exp<W>(logit, n, run_max);
+  }
+  RowResult r;
+  if (best_id < 0) {
+    // Every key is -inf (or NaN): the argmax rule with ties to the lowest id picks the lowest id that is not
+    // suppressed; its probability is defined as 0 (a softmax over only -inf would be NaN).
+    int64_t id = 0;
+    while (id < p.V && contains(p.suppress_ids, p.n_suppress, id)) ++id;
+    r.token = id < p.V ? id : 0;
+    r.prob = 0.0f;
+  } else {
+    r.token = best_id;
+    if (!want_prob || contains(p.zero_conf_ids, p.n_zero_conf, best_id)) r.prob = 0.0f;
+    else r.prob = std::exp(best_logit - run_max) / run_sum;
+  }
+  // Random remasking: the confidence is one Philox draw per row whatever the token (the official code's rand()).
+  if (p.random_confidence) r.prob = philox_uniform(p.seed, p.offset, row, kRandomConfidenceColumn);
+  return r;
+}
+
+// One copy of the row loop per instruction set, picked once per process; the build itself stays portable (no -march).
+// The OpenMP loop stays outside: its outlined body would not inherit a target attribute.
+using RowFn = RowResult (*)(const ConfidenceParams&, const void*, uint32_t);
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,bmi2")))
+RowResult row_avx512(const ConfidenceParams& p, const void* row_ptr, uint32_t row) {
+  return confidence_row<16>(p, row_ptr, row);
+}
+__attribute__((target("avx2,fma,f16c,bmi2")))
+RowResult row_avx2(const ConfidenceParams& p, const void* row_ptr, uint32_t row) {
+  return confidence_row<8>(p, row_ptr, row);
+}
+#endif
+RowResult row_generic(const ConfidenceParams& p, const void* row_ptr, uint32_t row) {
+  return confidence_row<4>(p, row_ptr, row);
+}
+
+RowFn pick_row_fn() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl"))
+    return row_avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+      __builtin_cpu_supports("bmi2"))
+    return row_avx2;
+#endif
+  return row_generic;
+}
+
+}  // namespace
+
+void confidence_cpu(const ConfidenceParams& p) {
+  static const RowFn row_fn = pick_row_fn();
+  const int64_t rows = static_cast<int64_t>(p.B) * p.N;
+  const size_t elt = p.dtype == DType::kFloat32 ? 4 : 2;
+#pragma omp parallel for schedule(dynamic, 1) if (rows > 1 && static_cast<int64_t>(p.V) * rows >= 65536)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t b = r / p.N, n = r % p.N;
+    if (!p.masked_ptr[r]) {
+      p.token_ptr[r] = -1;
+      p.prob_ptr[r] = kNegInf;
+      continue;
+    }
+    const char* row_ptr = static_cast<const char*>(p.logits_ptr) + (b * p.logits_b_stride + n * p.logits_n_stride) * elt;
+    RowResult res = row_fn(p, row_ptr, static_cast<uint32_t>(r));
+    p.token_ptr[r] = res.token;
+    p.prob_ptr[r] = res.prob;
+  }
+}
+
+}  // namespace llada
