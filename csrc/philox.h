@@ -26,11 +26,12 @@ LLADA_HD PhiloxOut philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t
   return {c0, c1, c2, c3};
 }
 
-// Uniform in the open interval (0, 1): the top 24 bits of the first word, centred, so log(u) and log(-log(u)) are finite.
+// Uniform in the open interval (0, 1): the top 23 bits of the first word, centred. 23 and not 24 bits so that k + 0.5
+// is exact in fp32 and u never rounds to 1 (log(u) = 0 would make the Gumbel noise infinite).
 LLADA_HD float philox_uniform(uint64_t seed, uint64_t offset, uint32_t row, uint32_t col) {
   PhiloxOut r = philox4x32_10(col, row, static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32),
                               static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  return (static_cast<float>(r.x >> 8) + 0.5f) * (1.0f / 16777216.0f);
+  return (static_cast<float>(r.x >> 9) + 0.5f) * (1.0f / 8388608.0f);
 }
 
 // Column used for the random-remasking confidence draw of a row (never a vocabulary id).
