@@ -240,6 +240,17 @@ EMU_CASES = [
 
 
 @requires_emu
+@pytest.mark.parametrize("shape,dtype,opt", CPU_CASES,
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_emu_sweep(shape, dtype, opt):
+    kw = OPTIONS[opt]
+    logits, masked = make_case(*shape, dtype, seed=opt)
+    logits = zero_conf_favoured(logits, kw.get("zero_conf_ids", ()))
+    token, prob = run_backend("emu", logits, masked, **kw)
+    check(token, prob, logits, masked, **kw)
+
+
+@requires_emu
 @pytest.mark.parametrize("case", range(len(EMU_CASES)))
 def test_emu(case):
     shape, dtype, kw = EMU_CASES[case]

@@ -1,0 +1,140 @@
+"""The task suite: fixed held-out set, train/held-out disjointness, checkers, and the tokenizer covering the suite."""
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import build_tokenizer  # noqa: E402
+import tasks  # noqa: E402
+
+SYNTHETIC = ("reverse", "sort", "add")
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    return tasks.heldout_set()
+
+
+@pytest.fixture(scope="module")
+def train():
+    return tasks.train_examples(20000, seed=1)
+
+
+def test_heldout_is_fixed_and_sized(heldout):
+    assert heldout == tasks.heldout_set()
+    counts = Counter(e.task for e in heldout)
+    n_facts = len(tasks.load_capitals())
+    assert counts == {"reverse": 100, "sort": 100, "add": 100, "capital": n_facts, "country": n_facts}
+    assert len({e.key for e in heldout}) == len(heldout)
+
+
+def test_smaller_heldout_is_a_prefix(heldout):
+    small = tasks.heldout_set(per_task=7)
+    assert Counter(e.task for e in small) == {t: 7 for t in tasks.TASKS}
+    assert all(e in heldout for e in small)
+
+
+def test_train_and_heldout_are_disjoint(heldout, train):
+    held_keys = {e.key for e in heldout}
+    assert not [e for e in train if e.key in held_keys]
+    assert not {e.prompt for e in train} & {e.prompt for e in heldout}
+    for task in ("capital", "country"):  # facts: every fact trained, but never with a held-out phrasing
+        train_templates = {e.key[2] for e in train if e.task == task}
+        held_templates = {e.key[2] for e in heldout if e.task == task}
+        assert train_templates and held_templates and not train_templates & held_templates
+        assert {e.answer for e in train if e.task == task} == {e.answer for e in heldout if e.task == task}
+
+
+def test_addition_pairs_are_held_out_in_both_orders(heldout):
+    pairs = {e.key for e in heldout if e.task == "add"}
+    stream = tasks.train_stream(seed=3)
+    for _ in range(5000):
+        e = next(stream)
+        if e.task == "add":
+            assert e.key not in pairs and e.key[1] <= e.key[2]
+
+
+def test_every_fact_asked_in_both_directions(heldout):
+    rows = tasks.load_capitals()
+    assert len(rows) >= 100 and len({c for c, _ in rows}) == len(rows) and len({k for _, k in rows}) == len(rows)
+    assert {(e.answer) for e in heldout if e.task == "capital"} == {k for _, k in rows}
+    assert {(e.answer) for e in heldout if e.task == "country"} == {c for c, _ in rows}
+
+
+def test_training_stream_is_seeded(train):
+    assert tasks.train_examples(50, seed=1) == train[:50]
+    assert tasks.train_examples(50, seed=2) != train[:50]
+    with pytest.raises(ValueError):
+        next(tasks.train_stream(tasks.HELDOUT_SEED))
+
+
+def test_answers_vary_and_fit(heldout, train):
+    for task in tasks.TASKS:
+        lengths = {len(e.answer) for e in heldout + train if e.task == task}
+        assert len(lengths) >= 3, task
+    assert max(len(e.answer) for e in heldout + train) <= tasks.MAX_ANSWER_CHARS
+
+
+def test_answers_are_right(heldout):
+    for e in heldout:
+        if e.task == "reverse":
+            assert e.prompt.endswith(e.answer[::-1]) or f" {e.answer[::-1]} " in e.prompt
+        elif e.task == "sort":
+            digits = [int(c) for c in e.prompt if c.isdigit()]
+            assert e.answer == " ".join(map(str, sorted(digits)))
+        elif e.task == "add":
+            a, b = tasks._numbers(e.prompt)
+            assert int(e.answer) == a + b
+        assert tasks.check(e, e.answer)
+
+
+def test_checkers():
+    ex = {e.task: e for e in tasks.heldout_set(per_task=1)}
+    rev, srt, add, cap, cty = (ex[t] for t in tasks.TASKS)
+    assert tasks.check(rev, " " + rev.answer + " ") and not tasks.check(rev, rev.answer[:-1])
+    assert not tasks.check(rev, rev.answer + "x")
+    assert tasks.check(srt, srt.answer.replace(" ", ", ")) and tasks.check(srt, srt.answer + "\n")
+    assert not tasks.check(srt, srt.answer[::-1] + " 0") and not tasks.check(srt, "")
+    assert tasks.check(add, add.answer + ".") and not tasks.check(add, str(int(add.answer) + 1))
+    assert not tasks.check(add, add.answer + " or " + add.answer)
+    assert tasks.check(cap, cap.answer.upper() + ".") and not tasks.check(cap, cap.answer + " City")
+    assert tasks.check(cty, cty.answer) and not tasks.check(cty, "")
+    with pytest.raises(ValueError):
+        tasks.check(tasks.Example("nope", "", "", ()), "")
+
+
+def test_tokenizer_covers_the_suite(tmp_path, heldout, train):
+    from tokenizers import Tokenizer
+
+    build_tokenizer.write(tmp_path)
+    tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    unk = tok.token_to_id(build_tokenizer.UNK)
+    for e in heldout + train[:2000]:
+        for text in (e.prompt, e.answer):
+            ids = tok.encode(text, add_special_tokens=False).ids
+            assert unk not in ids and tok.decode(ids) == text
+
+
+def test_tokenizer_files_match_llada(tmp_path):
+    """Special tokens by content, ids consistent across files, LLaDA's chat template rendered by the runtime."""
+    import json
+
+    from llada_rt.tokenizer import Tokenizer
+
+    build_tokenizer.write(tmp_path)
+    ids = build_tokenizer.special_ids(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert cfg["bos_token"] == "<|startoftext|>" and cfg["eos_token"] == cfg["pad_token"] == "<|endoftext|>"
+    tok = Tokenizer(tmp_path)
+    assert (tok.mask_id, tok.eos_id, tok.bos_id) == (ids["mask_token_id"], ids["eos_token_id"], ids["bos_token_id"])
+    assert tok.eot_id == ids["eot_token_id"] and len({tok.mask_id, tok.eos_id, tok.bos_id, tok.eot_id}) == 4
+    text = tok.render_chat([{"role": "system", "content": "dropped"}, {"role": "user", "content": "  Hi! "}])
+    assert text == ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"
+                    "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert tok.render_chat([{"role": "user", "content": "a"}], add_generation_prompt=False).endswith(
+        "<|eot_id|><|endoftext|>")
+    ids_ = tok.encode_chat("Hi!")
+    assert ids_[0] == tok.bos_id and ids_[1] == tok.start_header_id and tok.decode(ids_) == "user\n\nHi!assistant\n\n"
