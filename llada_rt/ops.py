@@ -174,3 +174,143 @@ def remask(canvas: torch.Tensor, token: torch.Tensor, prob: torch.Tensor, *, sta
     return torch.ops.llada_rt.remask(canvas, token, prob, k, int(start), int(mask_id), REMASK_RULES[rule],
                                      float(threshold), float(factor))
 
+
+# ---- attention -----------------------------------------------------------------------------------------------------
+
+_lib.define("attention(Tensor q, Tensor k, Tensor v, Tensor? key_start, Tensor? key_end, float scale) -> Tensor")
+_lib.define("attention_out(Tensor(a!) out, Tensor q, Tensor k, Tensor v, Tensor? key_start, Tensor? key_end, "
+            "float scale) -> ()")
+
+ATTENTION_HEAD_DIMS = (64, 128)  # head dims the CUDA kernel is compiled for (csrc/attention.cu)
+
+
+def _check_attention(q, k, v, key_start, key_end, out=None) -> None:
+    op = "attention"
+    _check(q.dim() == 4, op, f"q must be (B, Lq, Hq, D), got shape {tuple(q.shape)}")
+    _check(k.dim() == 4, op, f"k must be (B, Lk, Hkv, D), got shape {tuple(k.shape)}")
+    _check(tuple(v.shape) == tuple(k.shape), op, f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    B, Lq, Hq, D = q.shape
+    _check(k.shape[0] == B and k.shape[3] == D, op, f"k must be (B={B}, Lk, Hkv, D={D}), got {tuple(k.shape)}")
+    Lk, Hkv = k.shape[1], k.shape[2]
+    _check(Hkv > 0 and Hq % Hkv == 0, op, f"Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
+    _check(q.dtype == k.dtype == v.dtype, op, f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        _check(t.device == q.device, op, f"{name} is on {t.device} but q is on {q.device}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check(t.stride(-1) == 1, op, f"{name} must have unit stride over D, got strides {t.stride()}")
+    _check(max(B * Lq, Lk, B * Hq) < 2**31, op, "tensor sizes must be < 2**31")
+    for name, t in (("key_start", key_start), ("key_end", key_end)):
+        if t is not None:
+            _check(not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool, op,
+                   f"{name} must be an integer tensor, got {t.dtype}")
+            _check(tuple(t.shape) == (B,), op, f"{name} must have shape (B,) = ({B},), got {tuple(t.shape)}")
+            _check(t.device == q.device, op, f"{name} is on {t.device} but q is on {q.device}")
+    if out is not None:
+        _check(tuple(out.shape) == tuple(q.shape), op, f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
+        _check(out.dtype == q.dtype, op, f"out must have q's dtype {q.dtype}, got {out.dtype}")
+        _check(out.device == q.device, op, f"out is on {out.device} but q is on {q.device}")
+        _check(out.stride(-1) == 1, op, f"out must have unit stride over D, got strides {out.stride()}")
+    if q.device.type == "cuda":
+        _check_attention_kernel_layout(q, k, v, out)
+    else:
+        _check(q.dtype in (torch.float32, torch.float16, torch.bfloat16), op,
+               f"q, k, v must be float32, float16 or bfloat16, got {q.dtype}")
+
+
+def _check_attention_kernel_layout(q, k, v, out) -> None:
+    """What the tensor-core kernel needs: bf16/fp16, D in ATTENTION_HEAD_DIMS, 16-byte aligned rows (cp.async)."""
+    op = "attention"
+    _check(q.dtype in (torch.float16, torch.bfloat16), op, f"the CUDA kernel takes float16 or bfloat16, got {q.dtype}")
+    D = q.shape[3]
+    _check(D in ATTENTION_HEAD_DIMS, op, f"the CUDA kernel supports head dim D in {ATTENTION_HEAD_DIMS}, got {D}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check(t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:3]), op,
+               f"{name} rows must be 16-byte aligned (data pointer % 16 == 0, strides over B, L, H multiples of 8 "
+               f"elements), got strides {t.stride()}; pass a .contiguous() copy")
+    if out is not None:
+        _check(out.data_ptr() % 4 == 0 and all(s % 2 == 0 for s in out.stride()[:3]), op,
+               f"out must be 4-byte aligned with even strides, got strides {out.stride()}")
+
+
+def _attention_args(out, q, k, v, key_start, key_end, scale) -> tuple:
+    """The argument tuple of _C.attention_cuda / _emu.attention (without the stream); key ranges become int32."""
+    B, Lq, Hq, D = q.shape
+    Lk, Hkv = k.shape[1], k.shape[2]
+    key_start = None if key_start is None else key_start.to(torch.int32).contiguous()
+    key_end = None if key_end is None else key_end.to(torch.int32).contiguous()
+    strides = [*out.stride()[:3], *q.stride()[:3], *k.stride()[:3], *v.stride()[:3]]
+    args = (out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), strides,
+            0 if key_start is None else key_start.data_ptr(), 0 if key_end is None else key_end.data_ptr(),
+            B, Lq, Lk, Hq, Hkv, D, float(scale), DTYPE_CODES[q.dtype])
+    return args, (key_start, key_end)  # the int32 copies must outlive the call
+
+
+def _attention_cpu(out, q, k, v, key_start, key_end, scale) -> None:
+    # torch SDPA with a boolean key mask: faster on CPU than our C++ loop (bench/bench_kernels.py)
+    B, Lq, Hq, D = q.shape
+    Lk, Hkv = k.shape[1], k.shape[2]
+    pos = torch.arange(Lk, device=q.device)
+    valid = torch.ones((B, Lk), dtype=torch.bool, device=q.device)               # (B, Lk)
+    if key_start is not None:
+        valid &= pos[None, :] >= key_start[:, None]
+    if key_end is not None:
+        valid &= pos[None, :] < key_end[:, None]
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=valid[:, None, None, :], scale=scale,
+        enable_gqa=Hq != Hkv)                                                      # (B, Hq, Lq, D)
+    o = o.transpose(1, 2)                                                          # (B, Lq, Hq, D)
+    # a row with no valid key: SDPA gives NaN, the op's contract is zeros
+    out.copy_(torch.where(valid.any(dim=1)[:, None, None, None], o, torch.zeros((), dtype=o.dtype)))
+
+
+def _attention_into(out, q, k, v, key_start, key_end, scale) -> None:
+    _check_attention(q, k, v, key_start, key_end, out)
+    if out.numel() == 0:
+        return
+    if q.is_cuda:
+        _require_cuda_build("attention")
+        args, _keep = _attention_args(out, q, k, v, key_start, key_end, scale)
+        _C.attention_cuda(*args, _stream(q))
+    else:
+        _attention_cpu(out, q, k, v, key_start, key_end, scale)
+
+
+def _attention_impl(q, k, v, key_start, key_end, scale):
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)                    # (B, Lq, Hq, D)
+    _attention_into(out, q, k, v, key_start, key_end, scale)
+    return out
+
+
+def _attention_out_impl(out, q, k, v, key_start, key_end, scale):
+    _attention_into(out, q, k, v, key_start, key_end, scale)
+
+
+_lib.impl("attention", _attention_impl, "CPU")
+_lib.impl("attention", _attention_impl, "CUDA")
+_lib.impl("attention_out", _attention_out_impl, "CPU")
+_lib.impl("attention_out", _attention_out_impl, "CUDA")
+
+
+@torch.library.register_fake("llada_rt::attention")
+def _attention_fake(q, k, v, key_start, key_end, scale):
+    _check_attention(q, k, v, key_start, key_end)
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("llada_rt::attention_out")
+def _attention_out_fake(out, q, k, v, key_start, key_end, scale):
+    _check_attention(q, k, v, key_start, key_end, out)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_start: torch.Tensor | None = None,
+              key_end: torch.Tensor | None = None, scale: float | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """Bidirectional attention: q (B, Lq, Hq, D), k/v (B, Lk, Hkv, D) (views of a cache are fine: unit stride over D
+    is all that is needed), keys [key_start[b], key_end[b]) valid for batch row b (int tensors (B,); None means 0 and
+    Lk) -> o (B, Lq, Hq, D), written into `out` when given. Hq must be a multiple of Hkv (GQA); scale defaults to
+    1/sqrt(D). A row with no valid key outputs zeros. CUDA: bf16/fp16, D in (64, 128), 16-byte aligned rows."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if out is None:
+        return torch.ops.llada_rt.attention(q, k, v, key_start, key_end, scale)
+    torch.ops.llada_rt.attention_out(out, q, k, v, key_start, key_end, scale)
+    return out
