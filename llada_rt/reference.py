@@ -30,7 +30,7 @@ def philox_uniform(seed: int, offset: int, rows, cols) -> torch.Tensor:
         lo1, hi1 = _mulhilo32(c2, 0xCD9E8D57)
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
         k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
-    return ((c0 >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    return ((c0 >> 9).to(torch.float32) + 0.5) * (1.0 / 8388608.0)
 
 
 RANDOM_CONFIDENCE_COLUMN = 0xFFFFFFFF   # kRandomConfidenceColumn in csrc/philox.h
