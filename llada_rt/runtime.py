@@ -4,16 +4,17 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from .config import load_config
-from .decoding import Canvas, Decoder, GenerationConfig, GenerationConfigError
+from .decoding import Canvas, Decoder, GenerationConfig, GenerationConfigError, StepEvent
 from .tokenizer import Tokenizer
 from .weights import load_weights
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "models" / "small"
+MASK_GLYPH = "\u2591"   # how a still-masked position is shown in streamed text
 
 
 @dataclasses.dataclass
@@ -25,8 +26,9 @@ class GenerationResult:
     nfe: int                       # forward passes
     steps: int                     # denoising steps
     tokens_committed: int          # generated positions committed, summed over the batch
-    timings: dict                  # seconds: total, forward, other
+    timings: dict                  # seconds: total_s, refresh_s (full forwards), step_s (cached forwards), other_s
     config: GenerationConfig
+    finished_at: dict = dataclasses.field(default_factory=dict)   # row -> NFE at which early stop ended it
 
     @property
     def text(self) -> str:
@@ -34,7 +36,55 @@ class GenerationResult:
 
     @property
     def tokens_per_forward(self) -> float:
+        """Positions committed per forward pass, per row."""
         return self.tokens_committed / max(self.nfe, 1) / max(len(self.texts), 1)
+
+    @property
+    def answer_tokens(self) -> int:
+        """Answer tokens up to the first EOS/EOT, summed over the batch (Fast-dLLM's throughput numerator)."""
+        return sum(len(t) for t in self.token_ids)
+
+
+class StreamEvent:
+    """One denoising step as Runtime.stream yields it; text is rendered (and the device synced) only on access."""
+
+    def __init__(self, ev: StepEvent, tokenizer: Tokenizer):
+        self.step, self.nfe, self.block, self.refresh = ev.step, ev.nfe, ev.block, ev.refresh
+        self.rows, self.finished = ev.rows, ev.finished
+        self._ev, self._tok = ev, tokenizer
+        self.result: GenerationResult | None = None   # set on the last event
+
+    @property
+    def positions(self) -> list[list[int]]:
+        """Per row of `rows`: answer positions committed by this step."""
+        return self._ev.committed_positions
+
+    @property
+    def tokens(self) -> list[list[int]]:
+        """Per row of `rows`: the token ids committed at `positions`."""
+        return self._ev.committed_tokens
+
+    @property
+    def canvas_text(self) -> list[str]:
+        """Per row of `rows`: the answer so far, each mask shown as MASK_GLYPH, cut after the first EOS/EOT."""
+        out = []
+        stops = set(self._tok.stop_ids)
+        for ids in self._ev.canvas_ids():
+            parts, run = [], []
+            for t in ids:
+                if t in stops:
+                    break
+                if t == self._ev.mask_id:
+                    if run:
+                        parts.append(self._tok.decode(run))
+                        run = []
+                    parts.append(MASK_GLYPH)
+                else:
+                    run.append(t)
+            if run:
+                parts.append(self._tok.decode(run))
+            out.append("".join(parts))
+        return out
 
 
 def _default_device(device) -> torch.device:
@@ -131,29 +181,46 @@ class Runtime:
         return Decoder(self.config, self.weights, gc, canvas, self.tokenizer.stop_ids, self.tokenizer.eot_id,
                        backend=backend)
 
-    @torch.inference_mode()
+    def stream(self, prompt, chat: bool | None = None, backend: str = "ops", **options) -> Iterator[StreamEvent]:
+        """Yields a StreamEvent after every denoising step; the last one carries the GenerationResult in `.result`.
+
+        Same arguments as generate(). Each event's `canvas_text` shows the answers so far with masks visible.
+        """
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            dec = self.decoder(prompt, chat, backend, **options)
+            last = None
+            for ev in dec:
+                if last is not None:
+                    yield StreamEvent(last, self.tokenizer)
+                last = ev
+            if dec.canvas.tokens.is_cuda:
+                torch.cuda.synchronize(dec.canvas.tokens.device)
+            final = StreamEvent(last, self.tokenizer)
+            final.result = self._result(dec, time.perf_counter() - t0)
+            yield final
+
     def generate(self, prompt, chat: bool | None = None, backend: str = "ops", **options) -> GenerationResult:
         """Generate for a prompt (str), a batch (list of str), token ids (list of int) or a batch of token ids.
 
-        Options are the fields of GenerationConfig (gen_length, block_length, steps, temperature, cfg_scale,
-        remasking, logits_eos_inf, confidence_eos_eot_inf, seed, mode). chat: apply the chat template to string
-        prompts (default: when the checkpoint has one, i.e. Instruct models).
+        Options are the fields of GenerationConfig: gen_length, block_length, steps, temperature, cfg_scale,
+        remasking, logits_eos_inf, confidence_eos_eot_inf, seed, mode ('exact', 'prefix', 'dual'), threshold,
+        factor, early_stop, cuda_graph. chat: apply the chat template to string prompts (default: when the
+        checkpoint has one, i.e. Instruct models). Built on stream(); the events' text is never rendered here.
         """
-        t0 = time.perf_counter()
-        dec = self.decoder(prompt, chat, backend, **options)
-        canvas = dec.run()
-        if canvas.is_cuda:
-            torch.cuda.synchronize(canvas.device)
-        total = time.perf_counter() - t0
-        return self._result(dec, total)
+        for ev in self.stream(prompt, chat, backend, **options):
+            pass
+        return ev.result
 
     def _result(self, dec: Decoder, total_s: float) -> GenerationResult:
         P = dec.canvas.prompt_len
         rows = dec.canvas.tokens[:, P:].tolist()
         ids = [self.tokenizer.cut_at_stop(r) for r in rows]
-        committed = int((dec.canvas.tokens[:, P:] != self.config.mask_token_id).sum())
+        committed = int((dec.canvas.tokens[:, P:] != self.config.mask_token_id).sum()) - dec.filled
+        phases = dec.timer.seconds()
+        timings = {"total_s": total_s, "refresh_s": phases.get("refresh", 0.0), "step_s": phases.get("step", 0.0)}
+        timings["other_s"] = total_s - timings["refresh_s"] - timings["step_s"]
         return GenerationResult(
             texts=[self.tokenizer.decode(r) for r in ids], token_ids=ids, canvas=dec.canvas.tokens, prompt_len=P,
-            nfe=dec.nfe, steps=dec.steps_done, tokens_committed=committed,
-            timings={"total_s": total_s, "forward_s": dec.forward_s, "other_s": total_s - dec.forward_s},
-            config=dec.gc)
+            nfe=dec.nfe, steps=dec.steps_done, tokens_committed=committed, timings=timings, config=dec.gc,
+            finished_at=dict(dec.finished_at))
