@@ -246,21 +246,31 @@ def _attention_args(out, q, k, v, key_start, key_end, scale) -> tuple:
 
 
 def _attention_cpu(out, q, k, v, key_start, key_end, scale) -> None:
-    # torch SDPA with a boolean key mask: faster on CPU than our C++ loop (bench/bench_kernels.py)
+    # torch SDPA: faster on CPU than our C++ variant (bench/attention_cpu.cpp; numbers in bench/bench_kernels.py).
+    # Host reads of the key ranges are free here (CPU tensors): one shared range becomes a slice of k/v (no mask).
     B, Lq, Hq, D = q.shape
     Lk, Hkv = k.shape[1], k.shape[2]
-    pos = torch.arange(Lk, device=q.device)
-    valid = torch.ones((B, Lk), dtype=torch.bool, device=q.device)               # (B, Lk)
-    if key_start is not None:
-        valid &= pos[None, :] >= key_start[:, None]
-    if key_end is not None:
-        valid &= pos[None, :] < key_end[:, None]
+    start = torch.zeros(B, dtype=torch.int64) if key_start is None else key_start.long().clamp(min=0)
+    end = torch.full((B,), Lk, dtype=torch.int64) if key_end is None else key_end.long().clamp(max=Lk)
+    mask = None
+    if bool((start == start[0]).all()) and bool((end == end[0]).all()):
+        s, e = int(start[0]), int(end[0])
+        if e <= s:
+            out.zero_()
+            return
+        k, v = k[:, s:e], v[:, s:e]
+    else:
+        pos = torch.arange(Lk)
+        valid = (pos[None, :] >= start[:, None]) & (pos[None, :] < end[:, None])  # (B, Lk)
+        mask = valid[:, None, None, :]
     o = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=valid[:, None, None, :], scale=scale,
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
         enable_gqa=Hq != Hkv)                                                      # (B, Hq, Lq, D)
-    o = o.transpose(1, 2)                                                          # (B, Lq, Hq, D)
-    # a row with no valid key: SDPA gives NaN, the op's contract is zeros
-    out.copy_(torch.where(valid.any(dim=1)[:, None, None, None], o, torch.zeros((), dtype=o.dtype)))
+    out.copy_(o.transpose(1, 2))
+    if mask is not None:
+        empty = end <= start  # SDPA gives NaN for a row with no valid key; the op's contract is zeros
+        if bool(empty.any()):
+            out[empty] = 0
 
 
 def _attention_into(out, q, k, v, key_start, key_end, scale) -> None:
