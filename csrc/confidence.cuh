@@ -57,7 +57,7 @@ LLADA_DEVICE void unpack16(const uint4& raw, float* out) {
 }
 
 // Gumbel noise of (row, col): -log(-log(u)). The inner log goes through log1p(-(1 - u)) because 1 - u is exact and u
-// can be 1 - 2^-25, where a fast log would round -log(u) to 0 (and the outer log to -inf).
+// can be 1 - 2^-24, where a fast log (absolute error ~2^-22) could round -log(u) to 0 and the outer log to -inf.
 LLADA_DEVICE float gumbel(uint64_t seed, uint64_t offset, uint32_t row, uint32_t col) {
   const float u = philox_uniform(seed, offset, row, col);
   const float neg_log_u = -log1pf(-(1.0f - u));

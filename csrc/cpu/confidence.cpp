@@ -57,28 +57,25 @@ struct Vec {
   template <class To, class From>
   static LLADA_ALWAYS_INLINE To cast(const From& v) { To t; std::memcpy(&t, &v, sizeof t); return t; }
 
-  // exp(x) for the softmax sum: x = n ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial (relative
-  // error < 2e-7 there), 2^n through the exponent bits. exp(x) = 0 for x < -87 (terms < 1e-37 of a sum that is
-  // >= 1), so -inf gives 0, never NaN.
+  // exp(x) for x <= 0 (every softmax term is exp(logit - max)) as 2^t, t = x log2(e) = n + f with n = round(t) and
+  // |f| <= 1/2: 2^f by a degree-5 polynomial fitted for relative error (< 2.4e-7 evaluated in fp32), 2^n through the
+  // exponent bits. t is clamped at -126, so -inf and anything below give 2^-126 ~ 1.2e-38 instead of 0: at most
+  // V * 1.2e-38 on a sum that is >= 1, and never NaN.
   static LLADA_ALWAYS_INLINE F exp(const F& x) {
-    const F lo = splat(-87.0f), hi = splat(88.0f), shifter = splat(12582912.0f);
-    F xc = x > lo ? x : lo;
-    xc = xc < hi ? xc : hi;
-    // Adding 1.5 * 2^23 rounds xc / ln2 to the nearest integer n and leaves n in the low mantissa bits.
-    F t = xc * 1.44269504088896341f + shifter;
-    F n = t - shifter;
-    F r = xc - n * 0.693145751953125f;  // ln2 split hi + lo: n * ln2_hi is exact
-    r = r - n * 1.428606765330187e-06f;
-    F p = splat(1.0f / 720.0f);
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    I pow2n = (cast<I>(t) - cast<I>(shifter) + 127) << 23;
-    F e = p * cast<F>(pow2n);
-    return x < lo ? splat(0.0f) : e;
+    const F shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer kept in the low mantissa bits
+    F t = x * 1.44269504088896341f;
+    t = t > -126.0f ? t : splat(-126.0f);
+    const F u = t + shifter;
+    const F f = t - (u - shifter);
+    F p = splat(1.3276439858600497e-3f);
+    p = p * f + 9.675540961325169e-3f;
+    p = p * f + 5.550713464617729e-2f;
+    p = p * f + 2.4022120237350464e-1f;
+    p = p * f + 6.931469440460205e-1f;
+    p = p * f + 1.0000001192092896f;
+    // the low bits of u hold n; shifted into the exponent field with the bias (shifter's own bits shift out)
+    const I pow2n = (cast<I>(u) << 23) + (127 << 23);
+    return p * cast<F>(pow2n);
   }
 
   // fp16 bits -> fp32: rebias the exponent with one multiply by 2^112 (exact, also for subnormals); inf/nan keep an
@@ -131,17 +128,24 @@ LLADA_ALWAYS_INLINE float chunk_max(const float* __restrict__ x, int n) {
   return r;
 }
 
+// Sum of exp(x - mx) over a chunk. While this compute-bound loop runs, the next chunk of the row (pf, pf_bytes) is
+// prefetched, so that its DRAM reads overlap the exps instead of stalling the next chunk_max.
 template <int W>
-LLADA_ALWAYS_INLINE float chunk_sum_exp(const float* __restrict__ x, int n, float mx) {
+LLADA_ALWAYS_INLINE float chunk_sum_exp(const float* __restrict__ x, int n, float mx, const char* pf, int pf_bytes) {
   using V = Vec<W>;
-  typename V::F s0 = V::splat(0.0f), s1 = s0;  // two chains hide the add latency
-  int i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
+  typename V::F s0 = V::splat(0.0f), s1 = s0, s2 = s0, s3 = s0;  // independent chains for the out-of-order core
+  const int pf_step = std::max(1, pf_bytes / std::max(1, n / (4 * W)));
+  int i = 0, pf_off = 0;
+  for (; i + 4 * W <= n; i += 4 * W, pf_off += pf_step) {
+    if (pf_off < pf_bytes) __builtin_prefetch(pf + pf_off);
+    if (pf_off + 64 < pf_bytes) __builtin_prefetch(pf + pf_off + 64);
     s0 += V::exp(V::load(x + i) - mx);
     s1 += V::exp(V::load(x + i + W) - mx);
+    s2 += V::exp(V::load(x + i + 2 * W) - mx);
+    s3 += V::exp(V::load(x + i + 3 * W) - mx);
   }
   for (; i + W <= n; i += W) s0 += V::exp(V::load(x + i) - mx);
-  s0 += s1;
+  s0 += s1 + (s2 + s3);
   float r = 0.0f;
   for (int l = 0; l < W; ++l) r += s0[l];
   for (; i < n; ++i) r += scalar_exp(x[i] - mx);
@@ -177,38 +181,54 @@ LLADA_ALWAYS_INLINE RowResult confidence_row(const ConfidenceParams& p, const vo
   alignas(64) float key_buf[kChunk];
   const bool noisy = p.temperature > 0.0f;
   const bool want_prob = !p.random_confidence;
-  float* key = noisy ? key_buf : logit;
+  const int64_t elt = p.dtype == DType::kFloat32 ? 4 : 2;
   float best_key = kNegInf, best_logit = kNegInf;  // argmax so far; strict '>' keeps the lowest id on ties
   int64_t best_id = -1;
   float run_max = kNegInf, run_sum = 0.0f;  // online softmax over the ids that are neither suppressed nor zero-conf
   for (int64_t c0 = 0; c0 < p.V; c0 += kChunk) {
     const int n = static_cast<int>(std::min<int64_t>(kChunk, p.V - c0));
-    load_chunk<W>(row_ptr, c0, n, p.dtype, logit);
-    for (int s = 0; s < p.n_suppress; ++s) {
-      const int64_t id = p.suppress_ids[s] - c0;
-      if (id >= 0 && id < n) logit[id] = kNegInf;
+    bool has_suppressed = false, has_zero_conf = false;
+    for (int s = 0; s < p.n_suppress; ++s) has_suppressed |= p.suppress_ids[s] >= c0 && p.suppress_ids[s] < c0 + n;
+    for (int s = 0; s < p.n_zero_conf; ++s) has_zero_conf |= p.zero_conf_ids[s] >= c0 && p.zero_conf_ids[s] < c0 + n;
+    // fp32 chunks without special ids are read in place; the others are converted or patched in the L1 buffer
+    const float* x = logit;
+    if (p.dtype == DType::kFloat32 && !has_suppressed && !(has_zero_conf && want_prob)) {
+      x = static_cast<const float*>(row_ptr) + c0;
+    } else {
+      load_chunk<W>(row_ptr, c0, n, p.dtype, logit);
+      for (int s = 0; s < p.n_suppress; ++s) {
+        const int64_t id = p.suppress_ids[s] - c0;
+        if (id >= 0 && id < n) logit[id] = kNegInf;
+      }
     }
-    if (noisy) add_gumbel(key, logit, n, c0, p.temperature, p.seed, p.offset, row);
+    const float* key = x;
+    if (noisy) {
+      add_gumbel(key_buf, x, n, c0, p.temperature, p.seed, p.offset, row);
+      key = key_buf;
+    }
     const float chunk_best = chunk_max<W>(key, n);
     if (chunk_best > best_key) {
       const int i = first_index_of(key, n, chunk_best);
       best_key = chunk_best;
       best_id = c0 + i;
-      best_logit = logit[i];
+      best_logit = x[i];
     }
     if (!want_prob) continue;
-    bool has_zero_conf = false;
-    for (int s = 0; s < p.n_zero_conf; ++s) {
-      const int64_t id = p.zero_conf_ids[s] - c0;
-      if (id >= 0 && id < n) { logit[id] = kNegInf; has_zero_conf = true; }
+    if (has_zero_conf) {  // x is the buffer here: zero-confidence ids leave the softmax after the argmax
+      for (int s = 0; s < p.n_zero_conf; ++s) {
+        const int64_t id = p.zero_conf_ids[s] - c0;
+        if (id >= 0 && id < n) logit[id] = kNegInf;
+      }
     }
-    const float chunk_logit_max = (noisy || has_zero_conf) ? chunk_max<W>(logit, n) : chunk_best;
+    const float chunk_logit_max = (noisy || has_zero_conf) ? chunk_max<W>(x, n) : chunk_best;
     if (!(chunk_logit_max > kNegInf)) continue;  // nothing of this chunk is in the softmax
     if (chunk_logit_max > run_max) {
       run_sum *= scalar_exp(run_max - chunk_logit_max);
       run_max = chunk_logit_max;
     }
-    run_sum += chunk_sum_exp<W>(logit, n, run_max);
+    const int64_t next_n = std::min<int64_t>(kChunk, p.V - c0 - n);
+    const char* next = static_cast<const char*>(row_ptr) + (c0 + n) * elt;
+    run_sum += chunk_sum_exp<W>(x, n, run_max, next, next_n > 0 ? static_cast<int>(next_n * elt) : 0);
   }
   RowResult r;
   if (best_id < 0) {
