@@ -19,12 +19,9 @@ void check(cudaError_t e, const char* what) {
 template <class T, int kHeadDim>
 void launch(const AttentionParams& p, cudaStream_t stream) {
   constexpr size_t smem = attention_smem_bytes<T, kHeadDim>();
-  static bool configured = false;  // the > 48 KiB opt-in is per kernel and per device; one device is assumed here
-  if (!configured) {
-    check(cudaFuncSetAttribute(attention_kernel<T, kHeadDim>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-          "cudaFuncSetAttribute");
-    configured = true;
-  }
+  // the > 48 KiB opt-in is per kernel and per device: set it on every launch (a host-side call, ~1 us, capture-safe)
+  check(cudaFuncSetAttribute(attention_kernel<T, kHeadDim>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+        "cudaFuncSetAttribute");
   attention_kernel<T, kHeadDim><<<attention_grid(p), kAttnThreads, smem, stream>>>(p);
   check(cudaGetLastError(), "kernel launch");
 }
