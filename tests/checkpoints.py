@@ -18,6 +18,19 @@ SPECIAL = {
 }
 BOS, EOS, MASK, EOT = 126080, 126081, 126336, 126348
 VOCAB = 126464
+SMALL_VOCAB = 256   # for tests of the decoding loop that do not need LLaDA's real vocabulary (faster)
+
+
+def special_tokens(vocab: int) -> dict[int, str]:
+    """LLaDA's special tokens: at their real ids for the real vocabulary, else packed at the top of a small one."""
+    if vocab == VOCAB:
+        return SPECIAL
+    base = vocab - len(SPECIAL)
+    return {base + i: t for i, t in enumerate(SPECIAL.values())}
+
+
+def special_id(vocab: int, text: str) -> int:
+    return next(i for i, t in special_tokens(vocab).items() if t == text)
 
 # LLaDA's chat template logic (LLADA.md 2), written for these tests: BOS first, user/assistant turns, others dropped.
 CHAT_TEMPLATE = (
@@ -34,19 +47,22 @@ TINY = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden_size=96,
             rope_theta=500000.0, rms_norm_eps=1e-5)
 
 
-def tiny_config(**overrides) -> LLaDAConfig:
-    return LLaDAConfig.from_dict({**LLaDAConfig.from_dict({**TINY, **overrides}).to_dict()})
+def tiny_config(vocab: int = VOCAB, **overrides) -> LLaDAConfig:
+    ids = dict(vocab_size=vocab, embedding_size=vocab, mask_token_id=special_id(vocab, "<|mdm_mask|>"),
+               eos_token_id=special_id(vocab, "<|endoftext|>"), pad_token_id=special_id(vocab, "<|endoftext|>"))
+    return LLaDAConfig.from_dict({**TINY, **ids, **overrides})
 
 
-def tokenizer_json() -> dict:
+def tokenizer_json(vocab_size: int = VOCAB) -> dict:
     chars = list(string.printable)               # includes whitespace and newline
     vocab = {c: i for i, c in enumerate(chars)}
     vocab["[UNK]"] = len(chars)
-    vocab.update({t: i for i, t in SPECIAL.items()})
+    special = special_tokens(vocab_size)
+    vocab.update({t: i for i, t in special.items()})
     return {
         "version": "1.0", "truncation": None, "padding": None,
         "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": True} for i, t in SPECIAL.items()],
+                          "normalized": False, "special": True} for i, t in special.items()],
         "normalizer": None,
         "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated", "invert": False},
         "post_processor": None,
@@ -55,13 +71,14 @@ def tokenizer_json() -> dict:
     }
 
 
-def tokenizer_config(chat: bool = True) -> dict:
+def tokenizer_config(chat: bool = True, vocab_size: int = VOCAB) -> dict:
     d = {
         "add_bos_token": False, "add_eos_token": False, "bos_token": "<|startoftext|>",
         "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "clean_up_tokenization_spaces": False,
         "model_max_length": 1000000000000000019884624838656, "tokenizer_class": "PreTrainedTokenizerFast",
         "added_tokens_decoder": {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                          "single_word": False, "special": True} for i, t in SPECIAL.items()},
+                                          "single_word": False, "special": True}
+                                 for i, t in special_tokens(vocab_size).items()},
     }
     if chat:
         d["chat_template"] = CHAT_TEMPLATE
@@ -69,16 +86,16 @@ def tokenizer_config(chat: bool = True) -> dict:
 
 
 def write_checkpoint(path: Path, seed: int = 0, shards: int = 1, chat: bool = True, dtype=torch.float32,
-                     **overrides) -> Path:
-    """A random-weight LLaDA checkpoint; EOS/EOT logits are boosted so the EOS options are exercised."""
-    cfg = tiny_config(**overrides)
+                     vocab: int = VOCAB, eos_scale: float = 0.4, **overrides) -> Path:
+    """A random-weight LLaDA checkpoint; EOS/EOT logits are boosted (eos_scale) so the EOS options are exercised."""
+    cfg = tiny_config(vocab, **overrides)
     w = init_weights(cfg, seed=seed, std=0.05)
     g = torch.Generator().manual_seed(seed + 1)
-    for tid in (EOS, EOT):
-        if tid < cfg.embedding_size:
-            w.lm_head[tid] = torch.randn(cfg.d_model, generator=g) * 0.4
+    for text in ("<|endoftext|>", "<|eot_id|>"):
+        w.lm_head[special_id(vocab, text)] = torch.randn(cfg.d_model, generator=g) * eos_scale
     save_checkpoint(path, cfg, w, shards=shards, dtype=dtype)
-    (path / "tokenizer.json").write_text(json.dumps(tokenizer_json()))
-    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(chat), indent=1))
-    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": BOS, "eos_token_id": EOS}))
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer_json(vocab)))
+    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(chat, vocab), indent=1))
+    (path / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": special_id(vocab, "<|startoftext|>"), "eos_token_id": special_id(vocab, "<|endoftext|>")}))
     return path
