@@ -16,14 +16,37 @@ void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string("llada_rt attention: ") + what + ": " + cudaGetErrorString(e));
 }
 
+int num_sms() {
+  int device = 0, sms = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  return sms;
+}
+
 template <class T, int kHeadDim>
 void launch(const AttentionParams& p, cudaStream_t stream) {
   constexpr size_t smem = attention_smem_bytes<T, kHeadDim>();
+  const int n_splits = attention_num_splits(p, num_sms());
   // the > 48 KiB opt-in is per kernel and per device: set it on every launch (a host-side call, ~1 us, capture-safe)
-  check(cudaFuncSetAttribute(attention_kernel<T, kHeadDim>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-        "cudaFuncSetAttribute");
-  attention_kernel<T, kHeadDim><<<attention_grid(p), kAttnThreads, smem, stream>>>(p);
+  if (n_splits == 1) {
+    check(cudaFuncSetAttribute(attention_kernel<T, kHeadDim, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               (int)smem), "cudaFuncSetAttribute");
+    attention_kernel<T, kHeadDim, false><<<attention_grid(p), kAttnThreads, smem, stream>>>(p, AttentionSplit{});
+    check(cudaGetLastError(), "kernel launch");
+    return;
+  }
+  // stream-ordered workspace: capturable in a CUDA graph, recycled by the driver's pool
+  float* workspace = nullptr;
+  check(cudaMallocAsync(reinterpret_cast<void**>(&workspace), attention_split_floats(p, n_splits) * sizeof(float), stream),
+        "cudaMallocAsync (split-KV workspace)");
+  const AttentionSplit split = attention_split_views(p, n_splits, workspace);
+  check(cudaFuncSetAttribute(attention_kernel<T, kHeadDim, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             (int)smem), "cudaFuncSetAttribute");
+  attention_kernel<T, kHeadDim, true><<<attention_grid(p, n_splits), kAttnThreads, smem, stream>>>(p, split);
   check(cudaGetLastError(), "kernel launch");
+  attention_combine_kernel<T, kHeadDim><<<attention_combine_grid(p), kAttnThreads, 0, stream>>>(p, split);
+  check(cudaGetLastError(), "combine kernel launch");
+  check(cudaFreeAsync(workspace, stream), "cudaFreeAsync");
 }
 
 }  // namespace

@@ -2,6 +2,11 @@
 // Compiled by nvcc (attention.cu) and by g++ against the SIMT emulator (bindings/emu_attention.cpp, tests/emu).
 #pragma once
 #include "attention.h"
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
 #include "ptx.cuh"
 
 namespace llada {
@@ -19,9 +24,35 @@ constexpr size_t attention_smem_bytes() {
   return size_t(kAttnBlockM + 4 * kAttnBlockN) * kAttnSmemStride<kHeadDim> * sizeof(T);
 }
 
-inline dim3 attention_grid(const AttentionParams& p) {
-  return dim3((p.Lq + kAttnBlockM - 1) / kAttnBlockM, p.Hq, p.B);
+// Split-KV: when the (query block, head, batch) grid cannot fill the GPU (a block of queries against a long cached
+// prefix), the key tiles are divided among n_splits blocks per query block; each writes an fp32 partial output and its
+// log-sum-exp, and attention_combine_kernel merges them.
+struct AttentionSplit {
+  float* o_partial;  // [n_splits][B][Hq][Lq][D], each normalized by its own softmax sum
+  float* lse;        // [n_splits][B][Hq][Lq], base 2, -inf where a split saw no key
+  int n_splits;
+};
+
+inline int attention_num_splits(const AttentionParams& p, int num_sms) {
+  const int64_t blocks = (int64_t)((p.Lq + kAttnBlockM - 1) / kAttnBlockM) * p.Hq * p.B;
+  const int tiles = (p.Lk + kAttnBlockN - 1) / kAttnBlockN;
+  if (blocks >= num_sms || tiles < 2) return 1;
+  const int64_t want = (2 * num_sms + blocks - 1) / blocks;  // two resident blocks per SM
+  return (int)std::min<int64_t>(std::min<int64_t>(want, tiles), 32);
 }
+
+inline size_t attention_split_floats(const AttentionParams& p, int n_splits) {
+  return (size_t)n_splits * p.B * p.Hq * p.Lq * (p.D + 1);
+}
+
+inline AttentionSplit attention_split_views(const AttentionParams& p, int n_splits, float* workspace) {
+  return AttentionSplit{workspace, workspace + (size_t)n_splits * p.B * p.Hq * p.Lq * p.D, n_splits};
+}
+
+inline dim3 attention_grid(const AttentionParams& p, int n_splits = 1) {
+  return dim3((p.Lq + kAttnBlockM - 1) / kAttnBlockM, p.Hq, p.B * n_splits);
+}
+inline dim3 attention_combine_grid(const AttentionParams& p) { return dim3((p.Lq + 3) / 4, p.Hq, p.B); }
 
 namespace attn_detail {
 
@@ -43,11 +74,12 @@ LLADA_DEVICE void load_tile(T* smem, const T* gmem, int64_t row_stride, int row0
 
 }  // namespace attn_detail
 
-// grid (ceil(Lq / 64), Hq, B), block 128, dynamic smem attention_smem_bytes<T, kHeadDim>().
+// grid attention_grid(p, n_splits), block 128, dynamic smem attention_smem_bytes<T, kHeadDim>().
 // Warp w owns query rows [16w, 16w + 16) of the block; per key tile: S = Q K^T (fp32), online softmax in base 2,
 // O += P V with P rounded to T. All rows of a block share the batch row's key range, so every tile holds a valid key.
-template <class T, int kHeadDim>
-__global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttentionParams p) {
+// kSplit: block z = b * n_splits + split handles its share of the key tiles and writes split.o_partial / split.lse.
+template <class T, int kHeadDim, bool kSplit>
+__global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttentionParams p, const AttentionSplit split) {
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dim 64 or 128");
   constexpr int kStride = kAttnSmemStride<kHeadDim>;
   constexpr int kTileElems = kAttnBlockN * kStride;
@@ -59,7 +91,8 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const Attention
   T* sK = sQ + kAttnBlockM * kStride;  // [2][kAttnBlockN][kStride]
   T* sV = sK + 2 * kTileElems;         // [2][kAttnBlockN][kStride]
 
-  const int m0 = blockIdx.x * kAttnBlockM, h = blockIdx.y, b = blockIdx.z;
+  const int n_splits = kSplit ? split.n_splits : 1;
+  const int m0 = blockIdx.x * kAttnBlockM, h = blockIdx.y, b = blockIdx.z / n_splits, split_idx = blockIdx.z % n_splits;
   const int hkv = h / (p.Hq / p.Hkv);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;  // fragment groupID / threadID_in_group
@@ -76,20 +109,41 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const Attention
   // this lane's two output rows (fragment rows g and g + 8 of the warp's 16)
   const int row_lo = m0 + warp * 16 + g, row_hi = row_lo + 8;
 
-  if (key_end <= key_start) {  // no valid key: the row attends to nothing and outputs zeros (uniform per block)
+  // this block's key tiles: all of them, or its split's share
+  const int tiles_total = key_end > key_start ? (key_end - key_start + kAttnBlockN - 1) / kAttnBlockN : 0;
+  int tile_begin = 0, tile_end = tiles_total;
+  if (kSplit) {
+    const int per_split = (tiles_total + n_splits - 1) / n_splits;
+    tile_begin = min(split_idx * per_split, tiles_total);
+    tile_end = min(tile_begin + per_split, tiles_total);
+  }
+  // partial-output row of (split, b, h, row) in split.o_partial / split.lse
+  auto split_row = [&](int row) { return (((int64_t)split_idx * p.B + b) * p.Hq + h) * p.Lq + row; };
+
+  if (tile_begin >= tile_end) {  // no key here: zeros (lse -inf for a split); uniform per block, before any barrier
 #pragma unroll
     for (int nd = 0; nd < kDTiles; ++nd) {
       const int col = nd * 8 + 2 * t;
-      if (row_lo < p.Lq) *reinterpret_cast<uint32_t*>(o + (int64_t)row_lo * p.o_l_stride + col) = 0u;
-      if (row_hi < p.Lq) *reinterpret_cast<uint32_t*>(o + (int64_t)row_hi * p.o_l_stride + col) = 0u;
+      if (kSplit) {
+        if (row_lo < p.Lq) *reinterpret_cast<float2*>(split.o_partial + split_row(row_lo) * kHeadDim + col) = float2{0.f, 0.f};
+        if (row_hi < p.Lq) *reinterpret_cast<float2*>(split.o_partial + split_row(row_hi) * kHeadDim + col) = float2{0.f, 0.f};
+      } else {
+        if (row_lo < p.Lq) *reinterpret_cast<uint32_t*>(o + (int64_t)row_lo * p.o_l_stride + col) = 0u;
+        if (row_hi < p.Lq) *reinterpret_cast<uint32_t*>(o + (int64_t)row_hi * p.o_l_stride + col) = 0u;
+      }
+    }
+    if (kSplit && t == 0) {
+      if (row_lo < p.Lq) split.lse[split_row(row_lo)] = -INFINITY;
+      if (row_hi < p.Lq) split.lse[split_row(row_hi)] = -INFINITY;
     }
     return;
   }
 
-  const int n_tiles = (key_end - key_start + kAttnBlockN - 1) / kAttnBlockN;
+  const int n_tiles = tile_end - tile_begin;
+  const int key0 = key_start + tile_begin * kAttnBlockN;  // first key of this block's first tile
   attn_detail::load_tile<T, kHeadDim, kAttnBlockM>(sQ, q, p.q_l_stride, m0, p.Lq, tid);
-  attn_detail::load_tile<T, kHeadDim, kAttnBlockN>(sK, k, p.k_l_stride, key_start, key_end, tid);
-  attn_detail::load_tile<T, kHeadDim, kAttnBlockN>(sV, v, p.v_l_stride, key_start, key_end, tid);
+  attn_detail::load_tile<T, kHeadDim, kAttnBlockN>(sK, k, p.k_l_stride, key0, key_end, tid);
+  attn_detail::load_tile<T, kHeadDim, kAttnBlockN>(sV, v, p.v_l_stride, key0, key_end, tid);
   ptx::cp_async_commit();
 
   const float scale_log2 = p.scale * 1.4426950408889634f;  // softmax in base 2: exp(x) = exp2(x * log2 e)
@@ -100,7 +154,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const Attention
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
 
   for (int it = 0; it < n_tiles; ++it) {
-    const int n0 = key_start + it * kAttnBlockN;
+    const int n0 = key0 + it * kAttnBlockN;
     const int buf = it & 1;
     if (it + 1 < n_tiles) {  // prefetch the next tile into the other buffer while this one is used
       attn_detail::load_tile<T, kHeadDim, kAttnBlockN>(sK + (buf ^ 1) * kTileElems, k, p.k_l_stride,
@@ -209,13 +263,85 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const Attention
 #pragma unroll
   for (int nd = 0; nd < kDTiles; ++nd) {
     const int col = nd * 8 + 2 * t;
-    if (row_lo < p.Lq)
-      *reinterpret_cast<uint32_t*>(o + (int64_t)row_lo * p.o_l_stride + col) =
-          ptx::pack2<T>(acc[nd][0] * inv[0], acc[nd][1] * inv[0]);
-    if (row_hi < p.Lq)
-      *reinterpret_cast<uint32_t*>(o + (int64_t)row_hi * p.o_l_stride + col) =
-          ptx::pack2<T>(acc[nd][2] * inv[1], acc[nd][3] * inv[1]);
+    if (kSplit) {
+      if (row_lo < p.Lq)
+        *reinterpret_cast<float2*>(split.o_partial + split_row(row_lo) * kHeadDim + col) =
+            float2{acc[nd][0] * inv[0], acc[nd][1] * inv[0]};
+      if (row_hi < p.Lq)
+        *reinterpret_cast<float2*>(split.o_partial + split_row(row_hi) * kHeadDim + col) =
+            float2{acc[nd][2] * inv[1], acc[nd][3] * inv[1]};
+    } else {
+      if (row_lo < p.Lq)
+        *reinterpret_cast<uint32_t*>(o + (int64_t)row_lo * p.o_l_stride + col) =
+            ptx::pack2<T>(acc[nd][0] * inv[0], acc[nd][1] * inv[0]);
+      if (row_hi < p.Lq)
+        *reinterpret_cast<uint32_t*>(o + (int64_t)row_hi * p.o_l_stride + col) =
+            ptx::pack2<T>(acc[nd][2] * inv[1], acc[nd][3] * inv[1]);
+    }
+  }
+  if (kSplit && t == 0) {  // log2 of the split's softmax sum, in the same base-2 units as row_max
+    if (row_lo < p.Lq) split.lse[split_row(row_lo)] = row_max[0] + __log2f(row_sum[0]);
+    if (row_hi < p.Lq) split.lse[split_row(row_hi)] = row_max[1] + __log2f(row_sum[1]);
   }
 }
+
+// Merges the splits: o = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max). grid attention_combine_grid(p), block 128:
+// one warp per (b, h, query row), lanes along D.
+template <class T, int kHeadDim>
+__global__ void __launch_bounds__(kAttnThreads) attention_combine_kernel(const AttentionParams p,
+                                                                         const AttentionSplit split) {
+  constexpr int kPerLane = kHeadDim / 32;
+  const int lane = threadIdx.x & 31, row = blockIdx.x * 4 + (threadIdx.x >> 5), h = blockIdx.y, b = blockIdx.z;
+  if (row >= p.Lq) return;
+  auto split_row = [&](int s) { return (((int64_t)s * p.B + b) * p.Hq + h) * p.Lq + row; };
+  float m = -INFINITY;
+  for (int s = 0; s < split.n_splits; ++s) m = fmaxf(m, split.lse[split_row(s)]);
+  float acc[kPerLane];
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) acc[i] = 0.f;
+  float w_sum = 0.f;
+  if (m != -INFINITY) {
+    for (int s = 0; s < split.n_splits; ++s) {
+      const float w = exp2f(split.lse[split_row(s)] - m);  // 0 for a split without keys
+      w_sum += w;
+      const float* os = split.o_partial + split_row(s) * kHeadDim;
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) acc[i] += w * os[lane + 32 * i];
+    }
+  }
+  const float inv = w_sum > 0.f ? 1.f / w_sum : 0.f;  // no key in any split: zeros
+  T* o = static_cast<T*>(p.o_ptr) + b * p.o_b_stride + (int64_t)row * p.o_l_stride + h * p.o_h_stride;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) o[lane + 32 * i] = ptx::from_float<T>(acc[i] * inv);
+}
+
+#if !defined(__CUDACC__)
+// The emulator's launcher (bindings/emu_attention.cpp, tests/emu): the same kernels and split logic as run_attention,
+// on host memory. n_splits = 0 picks it as run_attention would on an H100 (132 SMs).
+template <class T, int kHeadDim>
+void run_attention_emu_typed(const AttentionParams& p, int n_splits) {
+  constexpr size_t smem = attention_smem_bytes<T, kHeadDim>();
+  if (n_splits == 1) {
+    emu::launch(attention_kernel<T, kHeadDim, false>, attention_grid(p), dim3(kAttnThreads), smem, p, AttentionSplit{});
+    return;
+  }
+  std::vector<float> workspace(attention_split_floats(p, n_splits));
+  const AttentionSplit split = attention_split_views(p, n_splits, workspace.data());
+  emu::launch(attention_kernel<T, kHeadDim, true>, attention_grid(p, n_splits), dim3(kAttnThreads), smem, p, split);
+  emu::launch(attention_combine_kernel<T, kHeadDim>, attention_combine_grid(p), dim3(kAttnThreads), 0, p, split);
+}
+
+inline void run_attention_emu(const AttentionParams& p, int n_splits = 0) {
+  if (p.Hkv <= 0 || p.Hq % p.Hkv != 0) throw std::invalid_argument("llada_rt attention: Hq must be a multiple of Hkv");
+  if (p.B == 0 || p.Lq == 0 || p.Hq == 0) return;
+  if (n_splits <= 0) n_splits = attention_num_splits(p, /*num_sms=*/132);
+  if (p.dtype == DType::kBFloat16 && p.D == 128) return run_attention_emu_typed<__nv_bfloat16, 128>(p, n_splits);
+  if (p.dtype == DType::kBFloat16 && p.D == 64) return run_attention_emu_typed<__nv_bfloat16, 64>(p, n_splits);
+  if (p.dtype == DType::kFloat16 && p.D == 128) return run_attention_emu_typed<__half, 128>(p, n_splits);
+  if (p.dtype == DType::kFloat16 && p.D == 64) return run_attention_emu_typed<__half, 64>(p, n_splits);
+  throw std::invalid_argument("llada_rt attention: supports bf16/fp16 with head dim 64 or 128, got dtype code " +
+                              std::to_string(static_cast<int>(p.dtype)) + " and D=" + std::to_string(p.D));
+}
+#endif
 
 }  // namespace llada

@@ -161,4 +161,11 @@ LLADA_DEVICE uint32_t pack2(float lo, float hi) {
   return r;
 }
 
+// One float rounded to T (round to nearest even).
+template <class T>
+LLADA_DEVICE T from_float(float x) {
+  if constexpr (is_bf16<T>::value) return __float2bfloat16(x);
+  else return __float2half(x);
+}
+
 }  // namespace llada::ptx

@@ -17,7 +17,13 @@ template <class T> T from_f(float x);
 template <> __nv_bfloat16 from_f(float x) { return __float2bfloat16(x); }
 template <> __half from_f(float x) { return __float2half(x); }
 
-struct Case { int B, Lq, Lk, Hq, Hkv, D; bool bf16; std::vector<int> key_start, key_end; int cache_extra; };
+struct Case {
+  int B, Lq, Lk, Hq, Hkv, D;
+  bool bf16;
+  std::vector<int> key_start, key_end;
+  int cache_extra;  // k/v are views of a bigger cache
+  int n_splits;     // 1: the plain kernel; > 1: split-KV kernel + combine
+};
 
 template <class T>
 double run_case(const Case& c, uint32_t seed) {
@@ -41,8 +47,7 @@ double run_case(const Case& c, uint32_t seed) {
   p.B = B; p.Lq = Lq; p.Lk = Lk; p.Hq = Hq; p.Hkv = Hkv; p.D = D;
   p.scale = 1.f / std::sqrt((float)D);
   p.dtype = c.bf16 ? DType::kBFloat16 : DType::kFloat16;
-  if (D == 64) emu::launch(attention_kernel<T, 64>, attention_grid(p), dim3(kAttnThreads), attention_smem_bytes<T, 64>(), p);
-  else emu::launch(attention_kernel<T, 128>, attention_grid(p), dim3(kAttnThreads), attention_smem_bytes<T, 128>(), p);
+  run_attention_emu(p, c.n_splits);
 
   double err = 0;
   for (int b = 0; b < B; ++b) {
@@ -81,12 +86,13 @@ double run_case(const Case& c, uint32_t seed) {
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::string(argv[1]) == "quick";  // the sanitizer builds run only the first cases
   std::vector<Case> cases = {
-      // B Lq Lk Hq Hkv D bf16 key_start key_end cache_extra
-      {2, 70, 150, 2, 1, 64, true, {0, 37}, {150, 101}, 1},  // GQA, padded row, strided cache view, 3 key tiles
-      {1, 17, 77, 1, 1, 128, false, {}, {}, 0},
-      {2, 33, 40, 4, 4, 64, false, {3, 40}, {40, 40}, 2},    // second row has no valid key: zeros
-      {3, 1, 1, 4, 2, 128, true, {}, {}, 0},
-      {1, 130, 200, 1, 1, 128, true, {0}, {199}, 1},
+      // B Lq Lk Hq Hkv D bf16 key_start key_end cache_extra n_splits
+      {2, 70, 150, 2, 1, 64, true, {0, 37}, {150, 101}, 1, 1},  // GQA, padded row, strided cache view, 3 key tiles
+      {1, 17, 77, 1, 1, 128, false, {}, {}, 0, 3},               // split-KV: 2 tiles over 3 splits, one split empty
+      {2, 33, 40, 4, 4, 64, false, {3, 40}, {40, 40}, 2, 1},     // second row has no valid key: zeros
+      {2, 33, 300, 4, 2, 64, true, {3, 300}, {290, 300}, 1, 4},  // split-KV with a padded row and an empty row
+      {3, 1, 1, 4, 2, 128, true, {}, {}, 0, 1},
+      {1, 130, 200, 1, 1, 128, true, {0}, {199}, 1, 2},
   };
   const size_t n = quick ? 2 : cases.size();
   int failures = 0;
@@ -99,8 +105,8 @@ int main(int argc, char** argv) {
     const double tol = c.bf16 ? 2e-2 : 3e-3;
     const bool ok = err <= tol;
     failures += !ok;
-    std::printf("attention emu B=%d Lq=%d Lk=%d Hq=%d Hkv=%d D=%d %s: max abs err %.3g (tol %.1g) %.2fs %s\n", c.B, c.Lq,
-                c.Lk, c.Hq, c.Hkv, c.D, c.bf16 ? "bf16" : "fp16", err, tol, sec, ok ? "ok" : "FAIL");
+    std::printf("attention emu B=%d Lq=%d Lk=%d Hq=%d Hkv=%d D=%d %s splits=%d: max abs err %.3g (tol %.1g) %.2fs %s\n",
+                c.B, c.Lq, c.Lk, c.Hq, c.Hkv, c.D, c.bf16 ? "bf16" : "fp16", c.n_splits, err, tol, sec, ok ? "ok" : "FAIL");
   }
   return failures ? 1 : 0;
 }
