@@ -15,6 +15,8 @@ void register_emu_confidence(py::module_& m) {
                                            seed, offset, random_confidence, suppress_ids, zero_conf_ids);
     py::gil_scoped_release nogil;
     if (p.B == 0 || p.N == 0) return;
-    dispatch_confidence(p, [&](auto kernel, int threads) { emu::launch(kernel, confidence_grid(p), dim3(threads), 0, p); });
+    dispatch_confidence(p, [&](auto kernel, int threads) {
+      emu::launch(kernel, confidence_grid(p), dim3(threads), 0, p);
+    });
   }, LLADA_CONFIDENCE_ARGS, "confidence_kernel under the SIMT emulator (host pointers; slow, for tests)");
 }

@@ -23,7 +23,8 @@ void run_confidence(const ConfidenceParams& p, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   dispatch_confidence(p, [&](auto kernel, int threads) { kernel<<<confidence_grid(p), threads, 0, s>>>(p); });
   cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) throw std::runtime_error(std::string("llada_rt confidence: kernel launch: ") + cudaGetErrorString(e));
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("llada_rt confidence: kernel launch: ") + cudaGetErrorString(e));
 }
 
 }  // namespace llada

@@ -23,7 +23,8 @@ void run_remask(const RemaskParams& p, void* stream) {
   if (p.B == 0 || p.N == 0) return;
   remask_kernel<<<remask_grid(p), remask_threads(p.N), 0, static_cast<cudaStream_t>(stream)>>>(p);
   cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) throw std::runtime_error(std::string("llada_rt remask: kernel launch: ") + cudaGetErrorString(e));
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("llada_rt remask: kernel launch: ") + cudaGetErrorString(e));
 }
 
 }  // namespace llada

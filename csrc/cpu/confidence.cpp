@@ -292,7 +292,8 @@ void confidence_cpu(const ConfidenceParams& p) {
       p.prob_ptr[r] = kNegInf;
       continue;
     }
-    const char* row_ptr = static_cast<const char*>(p.logits_ptr) + (b * p.logits_b_stride + n * p.logits_n_stride) * elt;
+    const int64_t row_offset = b * p.logits_b_stride + n * p.logits_n_stride;  // elements
+    const char* row_ptr = static_cast<const char*>(p.logits_ptr) + row_offset * elt;
     RowResult res = row_fn(p, row_ptr, static_cast<uint32_t>(r));
     p.token_ptr[r] = res.token;
     p.prob_ptr[r] = res.prob;

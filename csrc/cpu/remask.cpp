@@ -52,7 +52,8 @@ void remask_cpu(const RemaskParams& p) {
       if (std::isnan(conf[j])) conf[j] = -std::numeric_limits<float>::infinity();  // keeps the order strict-weak
     }
     // Descending confidence; ties go to the lower position.
-    std::sort(order.begin(), order.end(), [&](int a, int c) { return conf[a] > conf[c] || (conf[a] == conf[c] && a < c); });
+    std::sort(order.begin(), order.end(),
+              [&](int a, int c) { return conf[a] > conf[c] || (conf[a] == conf[c] && a < c); });
     sorted.resize(order.size());
     for (size_t i = 0; i < order.size(); ++i) sorted[i] = conf[order[i]];
     const int64_t count = commit_count(p, b, sorted.data(), static_cast<int64_t>(order.size()));

@@ -72,8 +72,10 @@ int run_case(int B, int N, int V, const Opt& o, uint32_t rng_seed) {
     }
     masked_bytes[r] = (r == 0 || r == B * N - 1 || ud(rng) < 0.7f) ? 1 : 0;
   }
-  if (!o.zero_conf.empty()) rows[0][o.zero_conf[0]] = 40.0, buf[pad + o.zero_conf[0]] = from_f<T>(40.f);
-  std::vector<bool> dummy;
+  if (!o.zero_conf.empty()) {  // a zero-confidence id wins row 0: prob 0
+    rows[0][o.zero_conf[0]] = 40.0;
+    buf[pad + o.zero_conf[0]] = from_f<T>(40.f);
+  }
   bool* masked = reinterpret_cast<bool*>(masked_bytes.data());
   std::vector<int64_t> token(B * N, 12345);
   std::vector<float> prob(B * N, 12345.f);
@@ -81,13 +83,17 @@ int run_case(int B, int N, int V, const Opt& o, uint32_t rng_seed) {
   p.token_ptr = token.data(); p.prob_ptr = prob.data();
   p.logits_ptr = buf.data() + pad; p.logits_b_stride = b_stride; p.logits_n_stride = n_stride;
   p.masked_ptr = masked; p.B = B; p.N = N; p.V = V;
-  p.dtype = std::is_same<T, float>::value ? DType::kFloat32 : std::is_same<T, __half>::value ? DType::kFloat16 : DType::kBFloat16;
+  p.dtype = std::is_same<T, float>::value    ? DType::kFloat32
+            : std::is_same<T, __half>::value ? DType::kFloat16
+                                             : DType::kBFloat16;
   p.temperature = o.temperature; p.seed = 0x123456789ull; p.offset = 77; p.random_confidence = o.random;
   p.n_suppress = static_cast<int>(o.suppress.size());
   for (size_t i = 0; i < o.suppress.size(); ++i) p.suppress_ids[i] = o.suppress[i];
   p.n_zero_conf = static_cast<int>(o.zero_conf.size());
   for (size_t i = 0; i < o.zero_conf.size(); ++i) p.zero_conf_ids[i] = o.zero_conf[i];
-  dispatch_confidence(p, [&](auto kernel, int threads) { emu::launch(kernel, confidence_grid(p), dim3(threads), 0, p); });
+  dispatch_confidence(p, [&](auto kernel, int threads) {
+    emu::launch(kernel, confidence_grid(p), dim3(threads), 0, p);
+  });
   int fails = 0;
   double max_prob_err = 0;
   for (int r = 0; r < B * N; ++r) {
@@ -99,7 +105,10 @@ int run_case(int B, int N, int V, const Opt& o, uint32_t rng_seed) {
     ref_row(rows[r], o, p.seed, p.offset, r, &rt, &rp, &gap);
     // without noise the keys are exact, so ties too must go to the lowest id; with noise, fp32 vs fp64 keys
     const double tol = o.temperature > 0 ? 1e-3 : -1.0;
-    if (token[r] != rt && gap > tol) { ++fails; std::printf("  row %d: token %lld, reference %lld (gap %g)\n", r, (long long)token[r], (long long)rt, gap); }
+    if (token[r] != rt && gap > tol) {
+      ++fails;
+      std::printf("  row %d: token %lld, reference %lld (gap %g)\n", r, (long long)token[r], (long long)rt, gap);
+    }
     if (token[r] == rt) max_prob_err = std::max(max_prob_err, std::abs(prob[r] - rp));
   }
   std::printf("B=%d N=%d V=%d T=%.2f random=%d suppress=%zu zero_conf=%zu dtype=%d: max prob err %.3g, %d failures\n",
