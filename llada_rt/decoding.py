@@ -207,6 +207,7 @@ class Decoder:
         self.mask_id, self.eos_id = cfg.mask_token_id, cfg.eos_token_id
         self.stop_ids = torch.tensor(stop_ids, dtype=torch.int64, device=canvas.tokens.device)
         self.nfe = 0
+        self.refreshes = 0                     # forwards over the whole canvas (every forward in exact mode)
         self.steps_done = 0
         self.timer = PhaseTimer(canvas.tokens.device)
         self.suppress_ids = [self.eos_id] if gc.logits_eos_inf else []
@@ -334,6 +335,7 @@ class Decoder:
                     step_fn(work, refresh, start, end, k)
                 self.timer.stop(t)
                 self.nfe += 1
+                self.refreshes += refresh
                 self.steps_done += 1
                 i += 1
                 if gc.parallel:   # dynamic step count: one host read between steps (never inside one)

@@ -24,6 +24,7 @@ class GenerationResult:
     canvas: torch.Tensor           # (B, T) the final canvas, left padding included
     prompt_len: int                # P, first generated column of the canvas
     nfe: int                       # forward passes
+    refreshes: int                 # of which full forwards over the whole canvas (all of them in exact mode)
     steps: int                     # denoising steps
     tokens_committed: int          # generated positions committed, summed over the batch
     timings: dict                  # seconds: total_s, refresh_s (full forwards), step_s (cached forwards), other_s
@@ -222,5 +223,5 @@ class Runtime:
         timings["other_s"] = total_s - timings["refresh_s"] - timings["step_s"]
         return GenerationResult(
             texts=[self.tokenizer.decode(r) for r in ids], token_ids=ids, canvas=dec.canvas.tokens, prompt_len=P,
-            nfe=dec.nfe, steps=dec.steps_done, tokens_committed=committed, timings=timings, config=dec.gc,
+            nfe=dec.nfe, refreshes=dec.refreshes, steps=dec.steps_done, tokens_committed=committed, timings=timings, config=dec.gc,
             finished_at=dict(dec.finished_at))

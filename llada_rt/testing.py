@@ -1,4 +1,5 @@
-"""Writes tiny LLaDA checkpoints in the exact Hugging Face layout: real config keys, tensor names and special ids."""
+"""Random-weight LLaDA checkpoints in the exact Hugging Face layout (real config keys, tensor names and special ids),
+for tests and benchmarks; a WordLevel tokenizer over printable characters plus LLaDA's special tokens."""
 from __future__ import annotations
 
 import json
@@ -7,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from llada_rt.config import LLaDAConfig
-from llada_rt.weights import init_weights, save_checkpoint
+from .config import LLaDAConfig
+from .weights import init_weights, save_checkpoint
 
 # LLaDA-8B's special tokens at their real ids (LLADA.md 2).
 SPECIAL = {

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from checkpoints import write_checkpoint
+from llada_rt.testing import write_checkpoint
 
 
 @pytest.fixture(scope="session")

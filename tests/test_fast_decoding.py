@@ -4,7 +4,7 @@ import contextlib
 import pytest
 import torch
 
-from checkpoints import SMALL_VOCAB, write_checkpoint
+from llada_rt.testing import SMALL_VOCAB, write_checkpoint
 from llada_rt import Runtime
 from llada_rt.cache import KVCache
 from llada_rt.decoding import Decoder

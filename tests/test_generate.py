@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from checkpoints import write_checkpoint
+from llada_rt.testing import write_checkpoint
 from llada_oracle import PlainLLaDA, official_generate
 from llada_rt import Runtime
 from llada_rt import reference

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from checkpoints import BOS, EOS, EOT, MASK, write_checkpoint
+from llada_rt.testing import BOS, EOS, EOT, MASK, write_checkpoint
 from llada_rt.config import ConfigError, LLaDAConfig, load_config
 from llada_rt.tokenizer import Tokenizer, TokenizerError
 from llada_rt.weights import CheckpointError, expected_shapes, load_weights
