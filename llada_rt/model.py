@@ -53,16 +53,17 @@ def forward(cfg: LLaDAConfig, w: ModelWeights, tokens: torch.Tensor, positions: 
 
     positions (B, S) int64: absolute RoPE positions (arange when None). key_start (B,) int32: keys before it are left
     padding and are not attended. cache: a KVCache (cache.py) that this call writes and/or reads, or None.
-    backend "ops" runs attention through llada_rt.ops (the compiled kernels); "torch" through SDPA (differentiable).
+    backend "ops" runs attention through llada_rt.ops (the compiled kernels; float32 on CUDA, which the bf16/fp16
+    kernel does not take, goes through SDPA); "torch" through SDPA everywhere (differentiable).
     """
     B, S = tokens.shape
     if positions is None:
         positions = torch.arange(S, device=tokens.device).expand(B, S)
     cos, sin = rope_tables(cfg, positions)
     Hq, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    if backend == "ops":
+    if backend == "ops" and not (tokens.is_cuda and w.dtype == torch.float32):
         from .ops import attention as attend
-    elif backend == "torch":
+    elif backend in ("ops", "torch"):
         attend = sdpa_attention
     else:
         raise ValueError(f"backend must be 'ops' or 'torch', got {backend!r}")

@@ -231,3 +231,16 @@ def test_fast_mode_setting_errors(rt, opts, match):
     from llada_rt.decoding import GenerationConfigError
     with pytest.raises(GenerationConfigError, match=match):
         rt.generate("Hi", gen_length=16, block_length=8, **opts)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("opts", [dict(mode="exact"), dict(mode="prefix"), dict(mode="dual", threshold=0.3)])
+def test_cuda_graph_replay_gives_the_same_tokens(rt, opts):
+    gpu = Runtime(rt.path, device="cuda", dtype=torch.bfloat16)
+    prompts = _prompts(2, [7, 12], seed=8)
+    gen = dict(gen_length=32, block_length=8, steps=32, **opts)
+    plain = gpu.generate(prompts, **gen)
+    graphed = gpu.generate(prompts, cuda_graph=True, **gen)
+    print(opts, "nfe", plain.nfe, graphed.nfe)
+    assert torch.equal(plain.canvas, graphed.canvas) and plain.nfe == graphed.nfe
