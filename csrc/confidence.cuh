@@ -185,8 +185,7 @@ __global__ void __launch_bounds__(kThreads) confidence_kernel(const ConfidencePa
   const uint4* body = reinterpret_cast<const uint4*>(logits + head);
   int sp = 0;                                                // first special id that may lie at or after this vector
   int next_special = n_special > 0 ? s_ids[0] : INT_MAX;
-  for (int i = tid; i < n_vec; i += kThreads) {
-    const uint4 raw = __ldg(body + i);
+  auto vector = [&](const uint4& raw, int i) {
     float x[kVec];
     unpack16<T>(raw, x);
     const int v0 = head + i * kVec;
@@ -194,7 +193,7 @@ __global__ void __launch_bounds__(kThreads) confidence_kernel(const ConfidencePa
     if (next_special < v0 + kVec) {
 #pragma unroll
       for (int e = 0; e < kVec; ++e) slow_element(x[e], v0 + e);
-      continue;
+      return;
     }
     // fast path: no special id among these kVec elements
     float chunk_max = x[0];
@@ -222,7 +221,19 @@ __global__ void __launch_bounds__(kThreads) confidence_kernel(const ConfidencePa
       for (int e = 0; e < kVec; ++e) s += __expf(x[e] - st.run_max);
       st.run_sum += s;
     }
+  };
+  // kUnroll loads are issued before any is used: at 512 threads that keeps 32 KiB per SM in flight, which a
+  // memory-bound pass needs to cover DRAM latency. The noisy pass is compute-bound (Philox) and keeps registers.
+  constexpr int kUnroll = kNoisy ? 1 : 4;
+  int i = tid;
+  for (; i + (kUnroll - 1) * kThreads < n_vec; i += kUnroll * kThreads) {
+    uint4 raw[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) raw[u] = __ldg(body + i + u * kThreads);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) vector(raw[u], i + u * kThreads);
   }
+  for (; i < n_vec; i += kThreads) vector(__ldg(body + i), i);
   for (int v = tail0 + tid; v < V; v += kThreads) slow_element(to_float(logits[v]), v);
 
   // block reduction: warps by shuffles, then warp 0 over the warp results
