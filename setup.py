@@ -16,8 +16,13 @@ class CMakeExtension(Extension):
 
 
 class CMakeBuild(build_ext):
+    """One CMake run builds every module; _emu exists only where the CUDA headers were found (LLADA_EMU)."""
+
     def build_extension(self, ext):
         import pybind11
+
+        if ext.name != "llada_rt._C":   # built by the _C run below, or deliberately absent
+            return
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = Path(os.environ.get("LLADA_BUILD_DIR", ROOT / "build" / f"py{sys.version_info[0]}{sys.version_info[1]}"))
@@ -37,4 +42,13 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", str(build_dir), "-j", jobs], check=True)
 
 
-setup(ext_modules=[CMakeExtension("llada_rt._C")], cmdclass={"build_ext": CMakeBuild})
+    def copy_extensions_to_source(self):   # --inplace: copy what was built, skip _emu where it was not
+        built = [e for e in self.extensions if Path(self.get_ext_fullpath(e.name)).exists()]
+        self.extensions, all_exts = built, self.extensions
+        try:
+            super().copy_extensions_to_source()
+        finally:
+            self.extensions = all_exts
+
+
+setup(ext_modules=[CMakeExtension("llada_rt._C"), CMakeExtension("llada_rt._emu")], cmdclass={"build_ext": CMakeBuild})
