@@ -28,16 +28,22 @@ template <int W> struct VecTypes;
 template <> struct VecTypes<4> {
   typedef float F __attribute__((vector_size(16)));
   typedef int32_t I __attribute__((vector_size(16)));
+  typedef uint32_t U __attribute__((vector_size(16)));
+  typedef uint64_t U2 __attribute__((vector_size(16)));  // the same bytes as pairs of 32-bit lanes
   typedef uint16_t H __attribute__((vector_size(8)));
 };
 template <> struct VecTypes<8> {
   typedef float F __attribute__((vector_size(32)));
   typedef int32_t I __attribute__((vector_size(32)));
+  typedef uint32_t U __attribute__((vector_size(32)));
+  typedef uint64_t U2 __attribute__((vector_size(32)));  // the same bytes as pairs of 32-bit lanes
   typedef uint16_t H __attribute__((vector_size(16)));
 };
 template <> struct VecTypes<16> {
   typedef float F __attribute__((vector_size(64)));
   typedef int32_t I __attribute__((vector_size(64)));
+  typedef uint32_t U __attribute__((vector_size(64)));
+  typedef uint64_t U2 __attribute__((vector_size(64)));  // the same bytes as pairs of 32-bit lanes
   typedef uint16_t H __attribute__((vector_size(32)));
 };
 
@@ -46,6 +52,8 @@ struct Vec {
   using F = typename VecTypes<W>::F;
   using I = typename VecTypes<W>::I;
   using H = typename VecTypes<W>::H;
+  using U = typename VecTypes<W>::U;
+  using U2 = typename VecTypes<W>::U2;
   static LLADA_ALWAYS_INLINE F splat(float v) { return F{} + v; }
   static LLADA_ALWAYS_INLINE F load(const float* p) { F v; std::memcpy(&v, p, sizeof v); return v; }
   static LLADA_ALWAYS_INLINE void store(float* p, const F& v) { std::memcpy(p, &v, sizeof v); }
@@ -76,6 +84,54 @@ struct Vec {
     // the low bits of u hold n; shifted into the exponent field with the bias (shifter's own bits shift out)
     const I pow2n = (cast<I>(u) << 23) + (127 << 23);
     return p * cast<F>(pow2n);
+  }
+
+  // log(x) for positive normal x: x = 2^e m with m in [sqrt(1/2), sqrt(2)), log(m) = 2 atanh(s), s = (m-1)/(m+1),
+  // |s| <= 0.172, by its odd series to s^9 (error < 1e-9). Accurate near 1 as well, where m - 1 is exact: the Gumbel
+  // noise takes log(u) for u up to 1 - 2^-24.
+  static LLADA_ALWAYS_INLINE F log(const F& x) {
+    const I bits = cast<I>(x);
+    I e = ((bits >> 23) & 0xff) - 127;
+    F m = cast<F>((bits & 0x7fffff) | 0x3f800000);
+    const I big = m > 1.41421356f;  // -1 where true
+    m = big ? m * 0.5f : m;
+    e = e - big;
+    const F s = (m - 1.0f) / (m + 1.0f);
+    const F s2 = s * s;
+    F p = splat(2.0f / 9.0f);
+    p = p * s2 + 2.0f / 7.0f;
+    p = p * s2 + 2.0f / 5.0f;
+    p = p * s2 + 2.0f / 3.0f;
+    p = p * s2 + 2.0f;
+    return s * p + __builtin_convertvector(e, F) * 0.693147180559945309f;
+  }
+
+  // (lo, hi) words of a * m per 32-bit lane: the even and the odd lanes each as 64-bit lanes with zero upper halves,
+  // so that the multiply is one 32x32->64 instruction (pmuludq) per half.
+  static LLADA_ALWAYS_INLINE void mulhilo(const U& a, uint32_t m, U* lo, U* hi) {
+    const U2 a2 = cast<U2>(a);
+    const U2 even = (a2 & 0xffffffffull) * m, odd = (a2 >> 32) * m;
+    *lo = cast<U>((even & 0xffffffffull) | (odd << 32));
+    *hi = cast<U>((even >> 32) | (odd & 0xffffffff00000000ull));
+  }
+
+  // Philox4x32-10 of philox.h for W consecutive columns of one row, as the uniforms philox_uniform returns (bit-exact).
+  static LLADA_ALWAYS_INLINE F philox_uniform(uint64_t seed, uint64_t offset, uint32_t row, uint32_t col0) {
+    U c0, c1 = U{} + row, c2 = U{} + static_cast<uint32_t>(offset), c3 = U{} + static_cast<uint32_t>(offset >> 32);
+    for (int l = 0; l < W; ++l) c0[l] = col0 + static_cast<uint32_t>(l);
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      U lo0, hi0, lo1, hi1;
+      mulhilo(c0, 0xD2511F53u, &lo0, &hi0);
+      mulhilo(c2, 0xCD9E8D57u, &lo1, &hi1);
+      c0 = hi1 ^ c1 ^ k0;
+      c1 = lo1;
+      c2 = hi0 ^ c3 ^ k1;
+      c3 = lo0;
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    return (__builtin_convertvector(cast<I>(c0 >> 9), F) + 0.5f) * (1.0f / 8388608.0f);
   }
 
   // fp16 bits -> fp32: rebias the exponent with one multiply by 2^112 (exact, also for subnormals); inf/nan keep an
@@ -152,11 +208,20 @@ LLADA_ALWAYS_INLINE float chunk_sum_exp(const float* __restrict__ x, int n, floa
   return r;
 }
 
-// key = logit + temperature * gumbel, gumbel = -log(-log(u)) with u the Philox draw of (row, column)
+// key = logit + temperature * gumbel, gumbel = -log(-log(u)) with u the Philox draw of (row, column): W columns at a
+// time (bit-exact Philox, polynomial logs), the last few through philox.h and std::log.
+template <int W>
 LLADA_ALWAYS_INLINE void add_gumbel(float* __restrict__ key, const float* __restrict__ logit, int n, int64_t col0,
                                     float temperature, uint64_t seed, uint64_t offset, uint32_t row) {
-  for (int i = 0; i < n; ++i) {
-    float u = philox_uniform(seed, offset, row, static_cast<uint32_t>(col0 + i));
+  using V = Vec<W>;
+  int i = 0;
+  for (; i + W <= n; i += W) {
+    const typename V::F u = V::philox_uniform(seed, offset, row, static_cast<uint32_t>(col0 + i));
+    const typename V::F g = -V::log(-V::log(u));
+    V::store(key + i, V::load(logit + i) + temperature * g);
+  }
+  for (; i < n; ++i) {
+    const float u = philox_uniform(seed, offset, row, static_cast<uint32_t>(col0 + i));
     key[i] = logit[i] + temperature * -std::log(-std::log(u));
   }
 }
@@ -203,7 +268,7 @@ LLADA_ALWAYS_INLINE RowResult confidence_row(const ConfidenceParams& p, const vo
     }
     const float* key = x;
     if (noisy) {
-      add_gumbel(key_buf, x, n, c0, p.temperature, p.seed, p.offset, row);
+      add_gumbel<W>(key_buf, x, n, c0, p.temperature, p.seed, p.offset, row);
       key = key_buf;
     }
     const float chunk_best = chunk_max<W>(key, n);
