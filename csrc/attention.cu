@@ -1,20 +1,11 @@
 // run_attention: host launcher of attention_kernel (head dim and dtype switch, smem opt-in, NVTX range).
-#include <cuda_runtime.h>
-#include <nvtx3/nvToolsExt.h>
-
 #include "attention.cuh"
+#include "launch.h"
 
 namespace llada {
 namespace {
 
-struct NvtxRange {
-  explicit NvtxRange(const char* name) { nvtxRangePushA(name); }
-  ~NvtxRange() { nvtxRangePop(); }
-};
-
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw std::runtime_error(std::string("llada_rt attention: ") + what + ": " + cudaGetErrorString(e));
-}
+void check(cudaError_t e, const char* what) { check_cuda(e, "attention", what); }
 
 int num_sms() {
   int device = 0, sms = 0;
