@@ -59,7 +59,7 @@ def test_addition_pairs_are_held_out_in_both_orders(heldout):
 
 def test_every_fact_asked_in_both_directions(heldout):
     rows = tasks.load_capitals()
-    assert len(rows) >= 100 and len({c for c, _ in rows}) == len(rows) and len({k for _, k in rows}) == len(rows)
+    assert len(rows) >= 50 and len({c for c, _ in rows}) == len(rows) and len({k for _, k in rows}) == len(rows)
     assert {(e.answer) for e in heldout if e.task == "capital"} == {k for _, k in rows}
     assert {(e.answer) for e in heldout if e.task == "country"} == {c for c, _ in rows}
 
@@ -74,7 +74,8 @@ def test_training_stream_is_seeded(train):
 def test_answers_vary_and_fit(heldout, train):
     for task in tasks.TASKS:
         lengths = {len(e.answer) for e in heldout + train if e.task == task}
-        assert len(lengths) >= 3, task
+        assert len(lengths) >= 2, task
+    assert len({len(e.answer) for e in heldout}) >= 10
     assert max(len(e.answer) for e in heldout + train) <= tasks.MAX_ANSWER_CHARS
 
 

@@ -1,0 +1,422 @@
+"""The llada-rt command: generate, chat, bench and info on a LLaDA checkpoint (the shipped small model by default)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+MASK_GLYPH = "\u2591"  # shown for a still-masked position in --stream
+
+
+class UsageError(Exception):
+    """A bad argument: reported in one line with exit code 2."""
+
+
+def _generation_fields():
+    from .decoding import GenerationConfig
+
+    return dataclasses.fields(GenerationConfig)
+
+
+_OPTION_HELP = {
+    "gen_length": "answer positions (mask tokens) after the prompt",
+    "block_length": "semi-autoregressive block size; divides gen_length",
+    "steps": "total denoising steps over all blocks (runtime: gen_length)",
+    "temperature": "Gumbel-max sampling temperature; 0 is greedy",
+    "cfg_scale": "classifier-free guidance scale (unconditional = prompt masked)",
+    "remasking": "which masked positions to commit each step",
+    "logits_eos_inf": "never predict EOS",
+    "confidence_eos_eot_inf": "EOS/EOT predictions get confidence 0 (committed last)",
+    "seed": "seed for temperature > 0 and random remasking",
+    "mode": "sampler: exact (the official algorithm) or a fast mode",
+    "threshold": "parallel decoding: commit every masked position with confidence >= this",
+    "factor": "parallel decoding: Fast-dLLM's factor rule",
+}
+
+
+def _choices(name: str):
+    from . import decoding
+
+    return {"mode": getattr(decoding, "MODES", None), "remasking": getattr(decoding, "REMASKING", None)}.get(name)
+
+
+def _add_generation_options(p: argparse.ArgumentParser) -> None:
+    """One option per GenerationConfig field, so every option of the runtime (new modes included) is reachable."""
+    g = p.add_argument_group("generation options (default: the checkpoint's generation_config.json, else the "
+                             "runtime's)")
+    for f in _generation_fields():
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kind = type(default) if default is not None else None
+        text = _OPTION_HELP.get(f.name, f.name.replace("_", " "))
+        if kind is bool:
+            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{text} (runtime default: {default})")
+        else:
+            ftype = {"int": int, "float": float, "str": str}.get(str(f.type).split(" |")[0].strip("'\" "), None) \
+                or kind or str
+            g.add_argument(flag, dest=f.name, type=ftype, default=None, metavar=f.name.upper(),
+                           choices=_choices(f.name), help=f"{text} (runtime default: {default})")
+
+
+def _options(args, rt) -> dict:
+    """Generation options: the checkpoint's recommended ones, overridden by those given on the command line."""
+    names = [f.name for f in _generation_fields()]
+    opts = {}
+    gen_cfg = rt.path / "generation_config.json"
+    if gen_cfg.is_file():
+        try:
+            opts.update({k: v for k, v in json.loads(gen_cfg.read_text()).items() if k in names})
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            pass
+    given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if "gen_length" in given and "steps" not in given and "steps" in opts:
+        del opts["steps"]  # steps follows a new gen_length unless given too
+    if "gen_length" in given and "block_length" not in given and opts.get("block_length", 0) > given["gen_length"]:
+        opts["block_length"] = given["gen_length"]
+    opts.update(given)
+    return opts
+
+
+def _load(args):
+    import torch
+
+    from . import Runtime
+
+    if args.model is not None and not Path(args.model).is_dir():
+        raise UsageError(f"--model {args.model}: no such directory (a LLaDA checkpoint directory holds config.json, "
+                         "model.safetensors and tokenizer.json)")
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda: torch sees no CUDA GPU on this machine; use --device cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return Runtime(args.model, device=args.device, dtype=args.dtype)
+
+
+def _read_prompt(args) -> str:
+    if args.prompt is not None and args.file is not None:
+        raise UsageError("give the prompt either as an argument or with --file, not both")
+    if args.file is not None:
+        try:
+            return Path(args.file).read_text() if args.file != "-" else sys.stdin.read()
+        except OSError as e:
+            raise UsageError(f"--file {args.file}: {e.strerror or e}") from None
+    if args.prompt is not None and args.prompt != "-":
+        return args.prompt
+    if sys.stdin.isatty() and args.prompt is None:
+        raise UsageError("no prompt: pass it as an argument, with --file PATH, or on stdin")
+    return sys.stdin.read()
+
+
+def _canvas_text(rt, row: list[int], glyph: str) -> str:
+    """The generated part of the canvas with masks shown as glyph; committed runs decoded together."""
+    mask, stops = rt.config.mask_token_id, set(rt.tokenizer.stop_ids)
+    out, run = [], []
+    for t in row:
+        if t == mask:
+            if run:
+                out.append(rt.tokenizer.decode(run))
+                run = []
+            out.append(glyph)
+        elif t not in stops:
+            run.append(t)
+    if run:
+        out.append(rt.tokenizer.decode(run))
+    return "".join(out)
+
+
+class _Frame:
+    """Redraws a multi-line frame in place on a terminal; on a pipe, prints one frame per step."""
+
+    def __init__(self, stream):
+        self.stream, self.tty, self.lines = stream, stream.isatty(), 0
+
+    def show(self, text: str) -> None:
+        if not self.tty:
+            print(text, file=self.stream, flush=True)
+            return
+        width = max(shutil.get_terminal_size().columns, 20)
+        if self.lines:
+            self.stream.write(f"\x1b[{self.lines}F\x1b[J")
+        self.stream.write(text + "\n")
+        self.stream.flush()
+        self.lines = sum(max(1, -(-len(line) // width)) for line in text.split("\n"))
+
+
+def _bar(done: int, total: int, width: int = 24) -> str:
+    k = width * done // max(total, 1)
+    return "[" + "#" * k + "." * (width - k) + "]"
+
+
+def _stream(rt, prompt: str, opts: dict, chat, stream) -> tuple[str, int]:
+    """Generates while showing the canvas unmask step by step; returns (final text, nfe)."""
+    glyph = MASK_GLYPH if (getattr(stream, "encoding", "") or "").lower().startswith("utf") else "_"
+    frame = _Frame(stream)
+    t0 = time.perf_counter()
+    if hasattr(rt, "stream"):
+        total = rt.make_config(opts).total_steps  # an upper bound for threshold/factor/early-stop decoding
+        result = None
+        for ev in rt.stream(prompt, chat=chat, **opts):
+            text = ev.canvas_text
+            text = (text[0] if text else "") if isinstance(text, list) else text
+            frame.show(f"{_bar(ev.step, total)} step {ev.step}/{total}  nfe {ev.nfe}  "
+                       f"{time.perf_counter() - t0:.1f}s\n{text}")
+            result = getattr(ev, "result", None) or result
+        return (result.text, result.nfe) if result is not None else ("", 0)
+    dec = rt.decoder(prompt, chat=chat, **opts)
+    P, total = dec.canvas.prompt_len, dec.gc.total_steps
+    mask = rt.config.mask_token_id
+    G = dec.canvas.tokens.shape[1] - P
+    for info in dec:
+        row = dec.canvas.tokens[0, P:].tolist()
+        left = sum(1 for t in row if t == mask)
+        frame.show(f"{_bar(info.step, total)} step {info.step}/{total}  nfe {info.nfe}  "
+                   f"committed {G - left}/{G}  {time.perf_counter() - t0:.1f}s\n{_canvas_text(rt, row, glyph)}")
+    res = rt._result(dec, time.perf_counter() - t0)
+    return res.text, res.nfe
+
+
+def cmd_generate(args) -> int:
+    prompt = _read_prompt(args)
+    if not prompt.strip():
+        raise UsageError("the prompt is empty")
+    rt = _load(args)
+    opts = _options(args, rt)
+    chat = None if args.chat is None else args.chat
+    if args.stream:
+        text, nfe = _stream(rt, prompt, opts, chat, sys.stderr if args.json else sys.stdout)
+        if args.json:
+            print(json.dumps({"text": text, "nfe": nfe}))
+        else:
+            print(f"\n{text}" if sys.stdout.isatty() else f"--- answer\n{text}")
+        return EXIT_OK
+    res = rt.generate(prompt, chat=chat, **opts)
+    if args.json:
+        print(json.dumps({"text": res.text, "token_ids": res.token_ids[0], "nfe": res.nfe, "steps": res.steps,
+                          "tokens_per_forward": res.tokens_per_forward, "timings": res.timings,
+                          "options": dataclasses.asdict(res.config)}))
+    else:
+        print(res.text)
+        if args.verbose:
+            print(f"[nfe {res.nfe}, {res.tokens_per_forward:.2f} tokens/forward, "
+                  f"{res.timings.get('total_s', 0.0):.2f}s, options {opts}]", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_chat(args) -> int:
+    """Multi-turn REPL as ML-GSAI chat.py: the next prompt is the previous prompt and answer with EOS removed,
+    followed by the new user turn rendered by the chat template (its BOS dropped)."""
+    rt = _load(args)
+    opts = _options(args, rt)
+    tok = rt.tokenizer
+    if not tok.is_chat:
+        raise UsageError(f"{rt.path}: the checkpoint has no chat_template (a Base model); use `generate` instead")
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("llada-rt chat: type a message; /reset starts over, /exit (or Ctrl-D) quits.", flush=True)
+    history: list[int] = []
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        msg = line.strip()
+        if not msg:
+            continue
+        if msg in ("/exit", "/quit", "exit", "quit"):
+            break
+        if msg == "/reset":
+            history = []
+            print("(conversation cleared)", flush=True)
+            continue
+        turn = tok.encode_chat([{"role": "user", "content": msg}])
+        prompt = turn if not history else history + turn[1:]
+        res = rt.generate(prompt, chat=False, **opts)
+        P = res.prompt_len
+        full = res.canvas[0, P - len(prompt):].tolist()
+        history = [t for t in full if t not in (tok.eos_id, rt.config.mask_token_id)]
+        print(("bot> " if interactive else "") + res.text, flush=True)
+    return EXIT_OK
+
+
+def _bench_module():
+    import importlib.util
+
+    for base in (Path.cwd(), Path(__file__).resolve().parent.parent):
+        path = base / "bench" / "bench_generate.py"
+        if path.is_file():
+            spec = importlib.util.spec_from_file_location("bench_generate", path)
+            mod = importlib.util.module_from_spec(spec)
+            sys.path.insert(0, str(path.parent))
+            spec.loader.exec_module(mod)
+            return mod, path
+    return None, None
+
+
+def cmd_bench(args) -> int:
+    mod, path = _bench_module()
+    if mod is None or not hasattr(mod, "main"):
+        print("llada-rt bench: bench/bench_generate.py is not available (it ships with the source tree, not the "
+              "installed package); run this from a llada_rt checkout", file=sys.stderr)
+        return EXIT_ERROR
+    argv = list(args.bench_args)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    for flag, value in (("--model", args.model), ("--device", args.device), ("--dtype", args.dtype),
+                        ("--threads", args.threads)):
+        if value is not None:
+            argv = [flag, str(value)] + argv
+    rc = mod.main(argv)
+    return int(rc or 0)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def cmd_info(args) -> int:
+    """Checkpoint summary from config.json, the safetensors headers and the tokenizer files (no weights loaded)."""
+    from .config import load_config
+    from .runtime import SHIPPED_MODEL
+    from .tokenizer import Tokenizer
+    from .weights import checkpoint_files, read_header, validate
+
+    path = Path(args.model) if args.model is not None else SHIPPED_MODEL
+    if not path.is_dir():
+        raise UsageError(f"--model {path}: no such directory")
+    cfg = load_config(path)
+    tok = Tokenizer(path, mask_id=cfg.mask_token_id, eos_id=cfg.eos_token_id)
+    validate(cfg, path)
+    files = checkpoint_files(path)
+    n_params, dtypes = 0, set()
+    for f in set(files.values()):
+        for name, meta in read_header(f).items():
+            if name == "__metadata__":
+                continue
+            numel = 1
+            for s in meta["shape"]:
+                numel *= s
+            n_params += numel
+            dtypes.add(meta["dtype"])
+    disk = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    info = {
+        "path": str(path),
+        "architecture": f"LLaDA (bidirectional Llama-style transformer, masked diffusion), {cfg.n_layers} layers, "
+                        f"d_model {cfg.d_model}, {cfg.n_heads} heads x {cfg.head_dim} (kv heads {cfg.n_kv_heads}), "
+                        f"SwiGLU MLP {cfg.mlp_hidden_size}, RMSNorm eps {cfg.rms_norm_eps}, RoPE theta "
+                        f"{cfg.rope_theta:g}, vocab {cfg.vocab_size} (embedding rows {cfg.embedding_size}), "
+                        f"max_sequence_length {cfg.max_sequence_length}, "
+                        f"{'tied' if cfg.weight_tying else 'untied'} LM head",
+        "parameters": n_params,
+        "dtype": ", ".join(sorted(dtypes)),
+        "size_on_disk": _human_bytes(disk),
+        "chat_template": tok.is_chat,
+        "special_ids": {"bos": tok.bos_id, "eos": tok.eos_id, "pad": cfg.pad_token_id, "mask": cfg.mask_token_id,
+                        "eot": tok.eot_id, "start_header": tok.start_header_id, "end_header": tok.end_header_id},
+    }
+    gen_cfg = path / "generation_config.json"
+    if gen_cfg.is_file():
+        info["generation_config"] = json.loads(gen_cfg.read_text())
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    print(f"model:        {info['path']}")
+    print(f"architecture: {info['architecture']}")
+    print(f"parameters:   {n_params:,} ({n_params / 1e6:.2f} M)")
+    print(f"dtype:        {info['dtype']}")
+    print(f"size on disk: {info['size_on_disk']}")
+    print(f"chat:         {'yes (chat_template in tokenizer_config.json)' if tok.is_chat else 'no (Base model)'}")
+    print("special ids:  " + ", ".join(f"{k} {v}" for k, v in info["special_ids"].items()))
+    if "generation_config" in info:
+        print(f"generation:   {info['generation_config']}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", "-m", default=None, metavar="DIR",
+                        help="LLaDA checkpoint directory (default: the small model shipped with llada_rt)")
+    common.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    common.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
+                        help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
+    common.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    p = argparse.ArgumentParser(
+        prog="llada-rt", description="Run LLaDA masked-diffusion language models with llada_rt.",
+        epilog="examples:\n  llada-rt generate \"Reverse the string: hello\"\n"
+               "  echo \"What is 12 + 30?\" | llada-rt generate --stream\n  llada-rt chat\n  llada-rt info",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    g = sub.add_parser("generate", parents=[common], help="generate an answer for one prompt",
+                       description="Generate an answer for a prompt given as an argument, with --file, or on stdin.")
+    g.add_argument("prompt", nargs="?", default=None, help="the prompt ('-' or absent: read stdin)")
+    g.add_argument("--file", "-f", default=None, help="read the prompt from this file ('-': stdin)")
+    g.add_argument("--stream", action="store_true", help="show the canvas unmasking live, step by step")
+    g.add_argument("--chat", dest="chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="apply the chat template (default: when the checkpoint has one)")
+    g.add_argument("--json", action="store_true", help="print a JSON object (text, ids, nfe, timings)")
+    g.add_argument("--verbose", "-v", action="store_true", help="print nfe and timing to stderr")
+    _add_generation_options(g)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", parents=[common], help="multi-turn chat REPL (reads stdin)",
+                       description="Multi-turn chat: each turn sees the whole conversation so far (as ML-GSAI "
+                                   "chat.py). /reset clears it, /exit or Ctrl-D quits.")
+    _add_generation_options(c)
+    c.set_defaults(func=cmd_chat)
+
+    b = sub.add_parser("bench", parents=[common], help="end-to-end generation benchmark (bench/bench_generate.py)",
+                       description="Runs bench/bench_generate.py's measurement (from a source checkout); the arguments after the "
+                                   "options are passed on (see python bench/bench_generate.py --help).")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for bench_generate.py")
+    b.set_defaults(func=cmd_bench)
+
+    i = sub.add_parser("info", parents=[common], help="checkpoint summary",
+                       description="Architecture, parameter count, dtype, size on disk and special token ids.")
+    i.add_argument("--json", action="store_true", help="print a JSON object")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("LLADA_RT_DEBUG") == "1"
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"llada-rt {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+    except Exception as e:  # every other failure: one clear line, the traceback only with --debug
+        if debug:
+            raise
+        from .decoding import GenerationConfigError
+
+        user_errors = (GenerationConfigError, FileNotFoundError)
+        kind = type(e).__name__
+        print(f"llada-rt {args.command}: error: {e}" + ("" if isinstance(e, user_errors) else
+                                                        f" ({kind}; rerun with --debug for the traceback)"),
+              file=sys.stderr)
+        return EXIT_USAGE if isinstance(e, user_errors) else EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
