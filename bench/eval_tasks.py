@@ -21,11 +21,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import tasks  # noqa: E402
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
+BEGIN, END = "<!-- task-suite:begin -->", "<!-- task-suite:end -->"
 SPLIT_NOTE = (
     f"The suite (bench/tasks.py) has five rows. reverse ({tasks.REVERSE_LEN[0]}-{tasks.REVERSE_LEN[1]} random "
     f"letters), sort ({tasks.SORT_LEN[0]}-{tasks.SORT_LEN[1]} digits) and add (operands of {tasks.ADD_DIGITS[0]}-"
@@ -116,6 +118,7 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default=None, help="comma-separated row labels to run (default: all)")
     ap.add_argument("--show-errors", type=int, default=0, help="print this many wrong answers per row")
     ap.add_argument("--write", action="store_true", help="write the table into bench/RESULTS.md")
+    ap.add_argument("--note", default="", help="a paragraph written under the table (e.g. the model's status)")
     args = ap.parse_args(argv)
 
     import torch
@@ -163,16 +166,24 @@ def main(argv=None) -> int:
     cfg = rt.config
     device = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else \
         f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    cmd = "python bench/eval_tasks.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    shown = list(argv if argv is not None else sys.argv[1:])
+    if "--note" in shown:  # the note is printed under the table, not repeated in the command
+        i = shown.index("--note")
+        shown[i:i + 2] = ["--note", "..."]
+    cmd = "python bench/eval_tasks.py " + " ".join(shlex.quote(a) for a in shown)
     train_info = ""
     tj = rt.path / "training.json"
     if tj.is_file():
         import json
 
         t = json.loads(tj.read_text())
-        train_info = (f"Trained from scratch by `{t.get('command') or 'python bench/train_small.py'}`: "
-                      f"{t.get('steps')} steps in {t.get('train_s', 0) / 60:.1f} min wall time on this project's "
-                      "2-core CPU development machine (shared with other jobs while it ran).")
+        stages = t.get("stages") or [{"command": t.get("command") or "python bench/train_small.py",
+                                      "steps": t.get("step"), "train_s": t.get("train_s", 0)}]
+        total_min = sum(st["train_s"] for st in stages) / 60
+        train_info = (f"Trained from scratch in {len(stages)} stage(s), {total_min:.1f} min wall time in all on this "
+                      "project's 2-core CPU development machine (shared with other jobs while it ran): " +
+                      "; ".join(f"`{st['command']}` ({st['steps']} steps, {st['train_s'] / 60:.1f} min)"
+                                for st in stages) + ".")
     md = "\n".join([
         "## Task suite: held-out accuracy of the shipped model",
         "",
@@ -192,7 +203,7 @@ def main(argv=None) -> int:
         f"Command: `{cmd.strip()}`",
         "",
         table(results, counts),
-    ])
+    ] + (["", args.note] if args.note else []))
     print()
     print(md)
     if args.write:

@@ -379,8 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_chat)
 
     b = sub.add_parser("bench", parents=[common], help="end-to-end generation benchmark (bench/bench_generate.py)",
-                       description="Runs bench/bench_generate.py's measurement (from a source checkout); the arguments after the "
-                                   "options are passed on (see python bench/bench_generate.py --help).")
+                       description="Runs bench/bench_generate.py's measurement (from a source checkout); the "
+                                   "arguments after the options are passed on (python bench/bench_generate.py "
+                                   "--help lists them).")
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for bench_generate.py")
     b.set_defaults(func=cmd_bench)
 
@@ -393,7 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command != "bench":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.bench_args = extra + list(args.bench_args)  # bench_generate.py's own options
     debug = args.debug or os.environ.get("LLADA_RT_DEBUG") == "1"
     try:
         return args.func(args)
