@@ -46,9 +46,14 @@ class ModelWeights:
     def device(self) -> torch.device:
         return self.embed.device
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every weight tensor (the tensors themselves: dataclasses.astuple would deep-copy them)."""
+        return [self.embed, self.ln_f, self.lm_head] + [getattr(l, f.name) for l in self.layers
+                                                        for f in dataclasses.fields(l)]
+
     def num_parameters(self) -> int:
         seen, n = set(), 0
-        for t in [self.embed, self.ln_f, self.lm_head] + [x for l in self.layers for x in dataclasses.astuple(l)]:
+        for t in self.tensors():
             if id(t) not in seen:
                 seen.add(id(t))
                 n += t.numel()
