@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
-MASK_GLYPH = "\u2591"  # shown for a still-masked position in --stream
+from .runtime import MASK_GLYPH  # shown for a still-masked position in --stream
 
 
 class UsageError(Exception):
@@ -114,23 +114,6 @@ def _read_prompt(args) -> str:
     return sys.stdin.read()
 
 
-def _canvas_text(rt, row: list[int], glyph: str) -> str:
-    """The generated part of the canvas with masks shown as glyph; committed runs decoded together."""
-    mask, stops = rt.config.mask_token_id, set(rt.tokenizer.stop_ids)
-    out, run = [], []
-    for t in row:
-        if t == mask:
-            if run:
-                out.append(rt.tokenizer.decode(run))
-                run = []
-            out.append(glyph)
-        elif t not in stops:
-            run.append(t)
-    if run:
-        out.append(rt.tokenizer.decode(run))
-    return "".join(out)
-
-
 class _Frame:
     """Redraws a multi-line frame in place on a terminal; on a pipe, prints one frame per step."""
 
@@ -159,27 +142,14 @@ def _stream(rt, prompt: str, opts: dict, chat, stream) -> tuple[str, int]:
     glyph = MASK_GLYPH if (getattr(stream, "encoding", "") or "").lower().startswith("utf") else "_"
     frame = _Frame(stream)
     t0 = time.perf_counter()
-    if hasattr(rt, "stream"):
-        total = rt.make_config(opts).total_steps  # an upper bound for threshold/factor/early-stop decoding
-        result = None
-        for ev in rt.stream(prompt, chat=chat, **opts):
-            text = ev.canvas_text
-            text = (text[0] if text else "") if isinstance(text, list) else text
-            frame.show(f"{_bar(ev.step, total)} step {ev.step}/{total}  nfe {ev.nfe}  "
-                       f"{time.perf_counter() - t0:.1f}s\n{text}")
-            result = getattr(ev, "result", None) or result
-        return (result.text, result.nfe) if result is not None else ("", 0)
-    dec = rt.decoder(prompt, chat=chat, **opts)
-    P, total = dec.canvas.prompt_len, dec.gc.total_steps
-    mask = rt.config.mask_token_id
-    G = dec.canvas.tokens.shape[1] - P
-    for info in dec:
-        row = dec.canvas.tokens[0, P:].tolist()
-        left = sum(1 for t in row if t == mask)
-        frame.show(f"{_bar(info.step, total)} step {info.step}/{total}  nfe {info.nfe}  "
-                   f"committed {G - left}/{G}  {time.perf_counter() - t0:.1f}s\n{_canvas_text(rt, row, glyph)}")
-    res = rt._result(dec, time.perf_counter() - t0)
-    return res.text, res.nfe
+    total = rt.make_config(opts).total_steps  # an upper bound for threshold/factor/early-stop decoding
+    result = None
+    for ev in rt.stream(prompt, chat=chat, **opts):
+        text = ev.canvas_text[0].replace(MASK_GLYPH, glyph)
+        frame.show(f"{_bar(ev.step, total)} step {ev.step}/{total}  nfe {ev.nfe}  "
+                   f"{time.perf_counter() - t0:.1f}s\n{text}")
+        result = ev.result or result
+    return result.text, result.nfe
 
 
 def cmd_generate(args) -> int:
