@@ -10,8 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 from .runtime import MASK_GLYPH  # shown for a still-masked position in --stream
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
 class UsageError(Exception):
@@ -215,26 +216,10 @@ def cmd_chat(args) -> int:
     return EXIT_OK
 
 
-def _bench_module():
-    import importlib.util
-
-    for base in (Path.cwd(), Path(__file__).resolve().parent.parent):
-        path = base / "bench" / "bench_generate.py"
-        if path.is_file():
-            spec = importlib.util.spec_from_file_location("bench_generate", path)
-            mod = importlib.util.module_from_spec(spec)
-            sys.path.insert(0, str(path.parent))
-            spec.loader.exec_module(mod)
-            return mod, path
-    return None, None
-
-
 def cmd_bench(args) -> int:
-    mod, path = _bench_module()
-    if mod is None or not hasattr(mod, "main"):
-        print("llada-rt bench: bench/bench_generate.py is not available (it ships with the source tree, not the "
-              "installed package); run this from a llada_rt checkout", file=sys.stderr)
-        return EXIT_ERROR
+    """bench/bench_generate.py's measurement (llada_rt.benchmark) on the installed package."""
+    from .benchmark import main as bench_main
+
     argv = list(args.bench_args)
     if argv and argv[0] == "--":
         argv = argv[1:]
@@ -242,8 +227,10 @@ def cmd_bench(args) -> int:
                         ("--threads", args.threads)):
         if value is not None:
             argv = [flag, str(value)] + argv
-    rc = mod.main(argv)
-    return int(rc or 0)
+    try:
+        return int(bench_main(argv, prog="llada-rt bench") or 0)
+    except SystemExit as e:   # argparse inside the benchmark: usage errors exit with 2
+        return int(e.code or 0)
 
 
 def _human_bytes(n: float) -> str:
@@ -348,11 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_options(c)
     c.set_defaults(func=cmd_chat)
 
-    b = sub.add_parser("bench", parents=[common], help="end-to-end generation benchmark (bench/bench_generate.py)",
-                       description="Runs bench/bench_generate.py's measurement (from a source checkout); the "
-                                   "arguments after the options are passed on (python bench/bench_generate.py "
-                                   "--help lists them).")
-    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for bench_generate.py")
+    b = sub.add_parser("bench", parents=[common], help="end-to-end generation benchmark (every decoding mode)",
+                       description="bench/bench_generate.py's measurement: exact mode and each fast mode on the same "
+                                   "prompts; the arguments after the options are passed on (`llada-rt bench -- "
+                                   "--help` lists them).")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("info", parents=[common], help="checkpoint summary",

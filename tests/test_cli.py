@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -20,8 +21,9 @@ REVERSE = next(e for e in tasks.heldout_set(per_task=3) if e.task == "reverse") 
 
 def cli(*args, stdin=None, timeout=300):
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    # run outside the checkout, so that the installed package is what runs (as for a user)
     return subprocess.run([sys.executable, "-m", "llada_rt.cli", *args], input=stdin, capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT, env=env)
+                          text=True, timeout=timeout, cwd=tempfile.gettempdir(), env=env)
 
 
 def assert_clean_error(r, code=2, *needles):
@@ -111,11 +113,7 @@ def test_info():
     assert info["special_ids"]["eot"] == by_content["<|eot_id|>"]
 
 
-def test_bench_runs_or_explains(tmp_path):
-    if not (ROOT / "bench" / "bench_generate.py").is_file():
-        r = cli("bench")
-        assert_clean_error(r, 1, "bench_generate")
-        return
+def test_bench_runs(tmp_path):
     r = cli("bench", "--device", "cpu", "--num-prompts", "1", "--gen-length", "16", "--block-length", "16",
             "--repeat", "1", "--warmup", "0", "--modes", "exact", "--json", str(tmp_path / "b.json"))
     assert r.returncode == 0, r.stderr
