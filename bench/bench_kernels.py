@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from llada_rt import ops  # noqa: E402
 
 _L2_FLUSH: dict[torch.device, torch.Tensor] = {}
