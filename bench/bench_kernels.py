@@ -8,13 +8,11 @@ import argparse
 import os
 import statistics
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-from llada_rt import ops  # noqa: E402
+from llada_rt import ops
 
 _L2_FLUSH: dict[torch.device, torch.Tensor] = {}
 
