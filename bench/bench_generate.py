@@ -1,13 +1,5 @@
-"""End-to-end generation benchmark: exact mode and every fast mode in one process, on the same prompts.
-
-Prints a header (device, torch, dtype, settings) and one row per mode: tokens/s (answer tokens before EOS per
-second), NFE, tokens committed per forward, ms per step, ms per refresh and per cached step, peak memory and the
-speedup over exact mode; writes the same as JSON.
-
-    python bench/bench_generate.py                                  # the shipped model, held-out task prompts
-    python bench/bench_generate.py --random --prompt-len 43 --gen-length 128 --block-length 32 --steps 128
-    python bench/bench_generate.py --model /models/LLaDA-8B-Instruct --prompts prompts.txt --device cuda
-"""
+"""Generation benchmark (llada_rt.benchmark; `--help` lists the options) with the shipped model's held-out task
+prompts as the default prompt set."""
 from __future__ import annotations
 
 import sys
