@@ -45,16 +45,25 @@ SPLIT_NOTE = (
 PARALLEL_VARIANTS = (("threshold", 0.9), ("factor", 1.0))
 
 
-def mode_rows() -> list[tuple[str, dict]]:
-    """(label, generation options) per row: each mode of the runtime, then each mode with each parallel rule."""
+def mode_rows(thresholds: tuple[float, ...] | None = None, early_stop: str = "off") -> list[tuple[str, dict]]:
+    """(label, generation options) per row: each mode of the runtime, then each mode with each parallel rule.
+
+    thresholds replaces the default threshold value(s) (a curve); early_stop "on" adds it to every row, "both" adds
+    an early-stopping copy of every row after the plain ones."""
     from llada_rt.decoding import MODES, GenerationConfig
 
     fields = {f.name for f in dataclasses.fields(GenerationConfig)}
+    variants = [(n, v) for n, v in PARALLEL_VARIANTS if n != "threshold" or thresholds is None]
+    if thresholds is not None:
+        variants = [("threshold", t) for t in thresholds] + variants
     rows = [(m, {"mode": m}) for m in MODES]
-    for name, value in PARALLEL_VARIANTS:
+    for name, value in variants:
         if name in fields:
-            rows += [(f"{m} {name}={value}", {"mode": m, name: value}) for m in MODES]
-    return rows
+            rows += [(f"{m} {name}={value:g}", {"mode": m, name: value}) for m in MODES]
+    if early_stop == "off" or "early_stop" not in fields:
+        return rows
+    stopped = [(f"{label} early_stop", {**opts, "early_stop": True}) for label, opts in rows]
+    return stopped if early_stop == "on" else rows + stopped
 
 
 def run_row(rt, examples, options: dict, batch_size: int) -> dict:
@@ -115,6 +124,11 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="total steps (default: gen_length)")
     ap.add_argument("--batch-size", type=int, default=64, help="prompts per generate() call")
     ap.add_argument("--modes", default=None, help="comma-separated row labels to run (default: all)")
+    ap.add_argument("--thresholds", default=None,
+                    help="comma-separated threshold values for the threshold rows (default: 0.9), e.g. a curve "
+                         "0.5,0.6,0.7,0.8,0.9,1.0")
+    ap.add_argument("--early-stop", choices=("off", "on", "both"), default="off",
+                    help="early stopping in no row (default), every row, or both variants of every row")
     ap.add_argument("--show-errors", type=int, default=0, help="print this many wrong answers per row")
     ap.add_argument("--write", action="store_true", help="write the table into bench/RESULTS.md")
     ap.add_argument("--note", default="", help="a paragraph written under the table (e.g. the model's status)")
@@ -131,7 +145,13 @@ def main(argv=None) -> int:
         counts[e.task] = counts.get(e.task, 0) + 1
     base = {"gen_length": args.gen_length, "block_length": args.block_length,
             "steps": args.steps or args.gen_length}
-    rows = mode_rows()
+    thresholds = None
+    if args.thresholds:
+        try:
+            thresholds = tuple(float(t) for t in args.thresholds.split(","))
+        except ValueError:
+            ap.error(f"--thresholds takes comma-separated numbers, got {args.thresholds!r}")
+    rows = mode_rows(thresholds, args.early_stop)
     if args.modes:
         wanted = [m.strip() for m in args.modes.split(",")]
         unknown = [m for m in wanted if m not in {l for l, _ in rows}]

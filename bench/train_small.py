@@ -48,14 +48,17 @@ class TrainConfig:
     n_layers: int = 4
     n_heads: int = 2  # head_dim 64, a size the CUDA attention kernel takes
     mlp_hidden_size: int = 384
-    steps: int = 1200
+    steps: int = 9000  # about 42 min on the 2-core development machine
     batch_size: int = 32
-    lr: float = 3e-3
-    warmup: int = 100
+    lr: float = 1e-3
+    warmup: int = 200
     weight_decay: float = 0.01
+    init_std: float = 0.02  # normal std of every matrix (residual-branch outputs further / sqrt(2 n_layers))
+    rope_theta: float = 10000.0
+    embed_std: float = 0.02  # the embedding on the scale of the layers' outputs, so attention can move the stream
     seed: int = 1
     threads: int = 2  # float sums depend on the thread count: reproduce a run with the same value
-    eval_every: int = 200  # monitoring only (a minimal greedy sampler on a held-out prefix); 0 turns it off
+    eval_every: int = 1500  # monitoring only (a minimal greedy sampler on a held-out prefix); 0 turns it off
     eval_per_task: int = 10
     stop_at: int = 0  # stop (and save) after this step, keeping the schedule of `steps`; 0: run all steps
     gen_lengths: tuple = GEN_LENGTHS
@@ -205,7 +208,7 @@ def train(tc: TrainConfig, out: Path, log=print, command: str | None = None, ini
     cfg = LLaDAConfig(d_model=tc.d_model, n_layers=tc.n_layers, n_heads=tc.n_heads, n_kv_heads=tc.n_heads,
                       mlp_hidden_size=tc.mlp_hidden_size, vocab_size=ids["vocab_size"],
                       embedding_size=ids["vocab_size"], max_sequence_length=512, mask_token_id=ids["mask_token_id"],
-                      eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"], rope_theta=10000.0)
+                      eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"], rope_theta=tc.rope_theta)
     assert max_prompt + max(g for g, _ in tc.gen_lengths) <= cfg.max_sequence_length
     enc = Encoder(out)
     if init_from is not None:  # continue training a checkpoint of the same shape (fresh optimizer and schedule)
@@ -217,7 +220,8 @@ def train(tc: TrainConfig, out: Path, log=print, command: str | None = None, ini
         w = load_weights(init_from, cfg, "cpu", torch.float32)
         log(f"initialised from {init_from}")
     else:
-        w = init_weights(cfg, seed=tc.seed)
+        w = init_weights(cfg, seed=tc.seed, std=tc.init_std)
+        w.embed.mul_(tc.embed_std)  # init_weights draws the embedding with std 1
         for l in w.layers:  # residual-branch outputs scaled down with depth (GPT-2 style) for a stable start
             l.wo.mul_(1 / math.sqrt(2 * tc.n_layers))
             l.w_down.mul_(1 / math.sqrt(2 * tc.n_layers))

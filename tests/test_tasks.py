@@ -139,3 +139,25 @@ def test_tokenizer_files_match_llada(tmp_path):
         "<|eot_id|><|endoftext|>")
     ids_ = tok.encode_chat("Hi!")
     assert ids_[0] == tok.bos_id and ids_[1] == tok.start_header_id and tok.decode(ids_) == "user\n\nHi!assistant\n\n"
+
+
+def test_eval_rows_cover_modes_curve_and_early_stop():
+    import eval_tasks
+    from llada_rt.decoding import MODES, GenerationConfig
+
+    labels = [label for label, _ in eval_tasks.mode_rows()]
+    print(labels)
+    assert labels[:len(MODES)] == list(MODES)
+    assert {f"{m} threshold=0.9" for m in MODES} <= set(labels)
+    curve = eval_tasks.mode_rows(thresholds=(0.5, 0.75, 1.0), early_stop="both")
+    by_label = dict(curve)
+    assert len(by_label) == len(curve)  # labels are unique
+    for m in MODES:
+        for t in (0.5, 0.75, 1.0):
+            assert by_label[f"{m} threshold={t:g}"] == {"mode": m, "threshold": t}
+            assert by_label[f"{m} threshold={t:g} early_stop"] == {"mode": m, "threshold": t, "early_stop": True}
+        assert f"{m} threshold=0.9" not in by_label  # the curve replaces the default value
+    assert len(curve) == 2 * len(eval_tasks.mode_rows(thresholds=(0.5, 0.75, 1.0)))
+    assert all(opts.get("early_stop") for _, opts in eval_tasks.mode_rows(early_stop="on"))
+    for _, opts in curve:  # every row is a valid generation setting
+        GenerationConfig(gen_length=16, block_length=16, **opts).validate()
