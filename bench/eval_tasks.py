@@ -200,7 +200,7 @@ def main(argv=None) -> int:
                                       "steps": t.get("step"), "train_s": t.get("train_s", 0)}]
         total_min = sum(st["train_s"] for st in stages) / 60
         train_info = (f"Trained from scratch in {len(stages)} stage(s), {total_min:.1f} min wall time in all on this "
-                      "project's 2-core CPU development machine (shared with other jobs while it ran): " +
+                      "project's 2-core CPU development machine: " +
                       "; ".join(f"`{st['command']}` ({st['steps']} steps, {st['train_s'] / 60:.1f} min)"
                                 for st in stages) + ".")
     md = "\n".join([

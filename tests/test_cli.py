@@ -64,7 +64,6 @@ def answer():
     return r.stdout
 
 
-@pytest.mark.xfail(reason="the shipped model is far below the suite's 90% target (bench/RESULTS.md)", strict=False)
 def test_generate_heldout_prompt_is_correct(answer):
     assert tasks.check(REVERSE, answer.strip()), (answer, REVERSE.answer)
 
