@@ -42,7 +42,7 @@ SPLIT_NOTE = (
 
 
 # Extra settings tried for every mode when GenerationConfig has the field (Fast-dLLM's defaults, LLADA.md 4).
-PARALLEL_VARIANTS = (("threshold", 0.9), ("factor", 1.0))
+PARALLEL_VARIANTS = {"threshold": (0.9,), "factor": (1.0,)}
 
 
 def mode_rows(thresholds: tuple[float, ...] | None = None, early_stop: str = "off") -> list[tuple[str, dict]]:
@@ -53,13 +53,11 @@ def mode_rows(thresholds: tuple[float, ...] | None = None, early_stop: str = "of
     from llada_rt.decoding import MODES, GenerationConfig
 
     fields = {f.name for f in dataclasses.fields(GenerationConfig)}
-    variants = [(n, v) for n, v in PARALLEL_VARIANTS if n != "threshold" or thresholds is None]
-    if thresholds is not None:
-        variants = [("threshold", t) for t in thresholds] + variants
+    variants = {**PARALLEL_VARIANTS, **({"threshold": thresholds} if thresholds is not None else {})}
     rows = [(m, {"mode": m}) for m in MODES]
-    for name, value in variants:
+    for name, values in variants.items():
         if name in fields:
-            rows += [(f"{m} {name}={value:g}", {"mode": m, name: value}) for m in MODES]
+            rows += [(f"{m} {name}={value:g}", {"mode": m, name: value}) for value in values for m in MODES]
     if early_stop == "off" or "early_stop" not in fields:
         return rows
     stopped = [(f"{label} early_stop", {**opts, "early_stop": True}) for label, opts in rows]

@@ -48,14 +48,14 @@ class TrainConfig:
     n_layers: int = 4
     n_heads: int = 2  # head_dim 64, a size the CUDA attention kernel takes
     mlp_hidden_size: int = 384
-    steps: int = 9000  # about 42 min on the 2-core development machine
+    steps: int = 9000  # 44.6 min on the 2-core development machine
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 200
     weight_decay: float = 0.01
     init_std: float = 0.02  # normal std of every matrix (residual-branch outputs further / sqrt(2 n_layers))
     rope_theta: float = 10000.0
-    embed_std: float = 0.02  # the embedding on the scale of the layers' outputs, so attention can move the stream
+    embed_std: float = 0.02  # the embedding on the scale of the other matrices (init_weights draws it with std 1)
     seed: int = 1
     threads: int = 2  # float sums depend on the thread count: reproduce a run with the same value
     eval_every: int = 1500  # monitoring only (a minimal greedy sampler on a held-out prefix); 0 turns it off
