@@ -1,25 +1,30 @@
 """Builds the shipped model's tokenizer.json and tokenizer_config.json: characters plus LLaDA's special tokens.
 
-Usage: python bench/build_tokenizer.py OUT_DIR
+Usage: python bench/build_tokenizer.py [--words] OUT_DIR
 
 The vocabulary is every printable ASCII character, newline and tab, a few whole words of the chat template (the role
 names, "\\n\\n") and LLaDA's special tokens, which sit after the ordinary ones as in LLaDA-8B. Nothing downstream
 knows an id: the runtime (and special_ids() below) look the special tokens up by content in the written files.
+With --words (an experiment, not the shipped tokenizer) it also holds the words of the task suite's training phrasings
+and the names of its fact table (tasks.vocabulary_words()), each one token where it stands as a whole word; other text
+(the strings to reverse, digits, words only the held-out phrasings use) stays one token per character.
 """
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
+import tasks
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 BOS, EOS, MASK = "<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>"
 START_HEADER, END_HEADER, EOT = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
 UNK = "<|unk|>"
 SPECIAL_TOKENS = [BOS, EOS, UNK, MASK, START_HEADER, END_HEADER, EOT]
-WORD_TOKENS = ["user", "assistant", "system", "\n\n"]
-VOCAB_SIZE = 128  # rows of the embedding and LM head; ids past the tokenizer's are never produced
+TEMPLATE_TOKENS = ["user", "assistant", "system", "\n\n"]
+VOCAB_ROUND = 128  # the embedding and LM head have the tokenizer's size rounded up to this; the extra ids are unused  # rows of the embedding and LM head; ids past the tokenizer's are never produced
 
 # LLaDA-8B-Instruct's chat_template, logic verbatim (LLADA.md section 2): BOS once, user/assistant turns with
 # trimmed content and <|eot_id|>, other roles dropped, then the assistant header or EOS.
@@ -35,17 +40,29 @@ CHAT_TEMPLATE = (
 )
 
 
-def vocabulary() -> dict[str, int]:
-    """token -> id: characters first, then template words, then the special tokens."""
-    tokens = ["\n", "\t"] + [chr(c) for c in range(32, 127)] + WORD_TOKENS + SPECIAL_TOKENS
-    assert len(tokens) <= VOCAB_SIZE and len(set(tokens)) == len(tokens)
+def word_tokens(words: bool = False) -> list[str]:
+    """The multi-character tokens: the template's, then (words=True) the suite's words."""
+    extra = [w for w in tasks.vocabulary_words() if w not in TEMPLATE_TOKENS] if words else []
+    return TEMPLATE_TOKENS + extra
+
+
+def vocabulary(words: bool = False) -> dict[str, int]:
+    """token -> id: characters first, then whole words, then the special tokens."""
+    tokens = ["\n", "\t"] + [chr(c) for c in range(32, 127)] + word_tokens(words) + SPECIAL_TOKENS
+    assert len(set(tokens)) == len(tokens)
     return {t: i for i, t in enumerate(tokens)}
 
 
-def build_tokenizer() -> Tokenizer:
-    tok = Tokenizer(models.WordLevel(vocab=vocabulary(), unk_token=UNK))
-    # One piece per character, except whole role words and a blank line (so the template costs few positions).
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\buser\b|\bassistant\b|\bsystem\b|\n\n|[\s\S]"), "isolated")
+def pre_tokenizer_regex(words: bool = False) -> str:
+    """A whole vocabulary word (longest first, so a longer name wins over its prefix), a blank line, or one character.
+    """
+    ws = sorted((w for w in word_tokens(words) if w != "\n\n"), key=lambda w: (-len(w), w))
+    return "|".join([rf"\b{re.escape(w)}\b" for w in ws] + [r"\n\n", r"[\s\S]"])
+
+
+def build_tokenizer(words: bool = False) -> Tokenizer:
+    tok = Tokenizer(models.WordLevel(vocab=vocabulary(words), unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(pre_tokenizer_regex(words)), "isolated")
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return tok
@@ -63,11 +80,11 @@ def tokenizer_config(tok: Tokenizer) -> dict:
     }
 
 
-def write(out_dir: str | Path) -> Path:
+def write(out_dir: str | Path, words: bool = False) -> Path:
     """Writes tokenizer.json and tokenizer_config.json into out_dir (created if missing)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer()
+    tok = build_tokenizer(words)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tok), indent=2, ensure_ascii=False) + "\n")
     return out
@@ -84,11 +101,15 @@ def special_ids(tok_dir: str | Path) -> dict[str, int]:
     return {"mask_token_id": by_content[MASK], "eos_token_id": by_content[cfg["eos_token"]],
             "pad_token_id": by_content[cfg["pad_token"]], "bos_token_id": by_content[cfg["bos_token"]],
             "eot_token_id": by_content[EOT], "start_header_id": by_content[START_HEADER],
-            "end_header_id": by_content[END_HEADER], "vocab_size": VOCAB_SIZE}
+            "end_header_id": by_content[END_HEADER],
+            "vocab_size": -(-tok.get_vocab_size() // VOCAB_ROUND) * VOCAB_ROUND}
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python bench/build_tokenizer.py OUT_DIR")
-    out_dir = write(sys.argv[1])
+    args = sys.argv[1:]
+    use_words = "--words" in args
+    args = [a for a in args if a != "--words"]
+    if len(args) != 1:
+        sys.exit("usage: python bench/build_tokenizer.py [--words] OUT_DIR")
+    out_dir = write(args[0], words=use_words)
     print(f"wrote {out_dir}/tokenizer.json, tokenizer_config.json; ids {special_ids(out_dir)}")

@@ -34,8 +34,9 @@ SPLIT_NOTE = (
     f"({tasks.HELDOUT_PER_TASK} each, fixed seed) are content-disjoint from training: training rejects any held-out "
     "string, digit list, or addition pair in either order. capital (country -> capital) and country (capital -> "
     f"country) ask the {len(tasks.load_capitals())} facts of bench/data/capitals.tsv. A fact cannot be inferred, so "
-    "every fact is trained in both directions, but only with the four training phrasings per direction; the "
-    "held-out set asks every fact once per direction with one of two phrasings never used in training. The fact "
+    f"every fact is trained in both directions, but only with the {len(tasks._FACT_TEMPLATES['capital']['train'])} "
+    "training phrasings per direction; the held-out set asks every fact once per direction with one of "
+    f"{len(tasks._FACT_TEMPLATES['capital']['heldout'])} phrasings never used in training. The fact "
     "rows therefore measure recall of trained knowledge under unseen wording, not knowledge of unseen facts, and "
     "not the reversal curse (both directions are trained). Answers run from 1 to 13 characters and every response "
     "is padded with EOS to gen_length, so the model must place the end of its answer itself.")

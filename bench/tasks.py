@@ -61,8 +61,22 @@ def load_capitals(path: Path = CAPITALS_TSV) -> list[tuple[str, str]]:
     return [(c.strip(), k.strip()) for c, k in rows]
 
 
-def _reverse(rng: random.Random, template: str) -> Example:
-    s = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(*REVERSE_LEN)))
+def vocabulary_words() -> list[str]:
+    """The words a word-level tokenizer of the suite holds (build_tokenizer.py --words): every word of the TRAINING
+    phrasings and every name of the fact table, as a tokenizer fitted to the training corpus would hold them. Words
+    that only the held-out phrasings use ("city", "whose", ...) are not among them."""
+    words = {w for t in [*_TEMPLATES.values(), *(f["train"] for f in _FACT_TEMPLATES.values())] for tpl in t
+             for w in re.findall(r"[A-Za-z]{2,}", tpl.replace("{x}", " ").replace("{a}", " ").replace("{b}", " "))}
+    for country, capital in load_capitals():
+        words.update((country, capital))
+    return sorted(words)
+
+
+def _reverse(rng: random.Random, template: str, reject: frozenset = frozenset()) -> Example:
+    while True:  # drawn again while it is in `reject` (whole words of a word-level tokenizer: one token, no letters)
+        s = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(*REVERSE_LEN)))
+        if s not in reject:
+            break
     return Example("reverse", template.format(x=s), s[::-1], ("reverse", s))
 
 
@@ -124,17 +138,25 @@ def heldout_keys() -> set:
     return {e.key for e in heldout_set() if e.task in _MAKERS}
 
 
-def train_stream(seed: int) -> Iterator[Example]:
-    """An endless seeded stream of training examples, tasks drawn uniformly, never a held-out key."""
+def train_stream(seed: int, weights: dict[str, float] | None = None,
+                 reject_words: frozenset = frozenset()) -> Iterator[Example]:
+    """An endless seeded stream of training examples, never a held-out key. Tasks are drawn in proportion to
+    `weights` (task -> weight; uniform when None); strings to reverse are never one of `reject_words`."""
     if seed == HELDOUT_SEED:
         raise ValueError("the training seed must differ from HELDOUT_SEED")
+    if weights is not None:  # (None keeps the draw of rng.choice: the stream the shipped model was trained on)
+        if set(weights) - set(TASKS) or not any(weights.values()) or min(weights.values()) < 0:
+            raise ValueError(f"task weights {weights}: keys must be among {TASKS}, weights >= 0, not all 0")
+        names = [t for t in TASKS if weights.get(t, 0) > 0]
+        shares = [weights[t] for t in names]
     rng = random.Random(seed)
     banned = heldout_keys()
     capitals = load_capitals()
     while True:
-        task = rng.choice(TASKS)
+        task = rng.choice(TASKS) if weights is None else rng.choices(names, shares)[0]
         if task in _MAKERS:
-            e = _MAKERS[task](rng, rng.choice(_TEMPLATES[task]))
+            template = rng.choice(_TEMPLATES[task])
+            e = _reverse(rng, template, reject_words) if task == "reverse" else _MAKERS[task](rng, template)
             if e.key in banned:
                 continue
         else:
@@ -143,8 +165,8 @@ def train_stream(seed: int) -> Iterator[Example]:
         yield e
 
 
-def train_examples(n: int, seed: int) -> list[Example]:
-    stream = train_stream(seed)
+def train_examples(n: int, seed: int, weights: dict[str, float] | None = None) -> list[Example]:
+    stream = train_stream(seed, weights)
     return [next(stream) for _ in range(n)]
 
 

@@ -8,7 +8,8 @@ of G positions (answer, <|eot_id|>, then <|endoftext|> up to G; the EOS padding 
 Per sequence t ~ U(0, 1) (stratified over the batch), p = (1 - eps) t + eps; each response position is replaced by
 the mask token with probability p, the prompt never; loss = sum over masked positions of CE / p, divided by the
 response length G, averaged over the batch. G is drawn per batch from GEN_LENGTHS so the model also sees the long
-all-mask canvases of the runtime's default gen_length=128.
+all-mask canvases of the runtime's default gen_length=128. Tasks are drawn uniformly unless --task-weights says
+otherwise; --tokenizer words trains with the word-level variant of the tokenizer (see build_tokenizer.py).
 """
 from __future__ import annotations
 
@@ -61,6 +62,8 @@ class TrainConfig:
     eval_every: int = 1500  # monitoring only (a minimal greedy sampler on a held-out prefix); 0 turns it off
     eval_per_task: int = 10
     stop_at: int = 0  # stop (and save) after this step, keeping the schedule of `steps`; 0: run all steps
+    task_weights: str = ""  # relative share of each task, e.g. "reverse=2,add=3,..."; empty: uniform
+    tokenizer: str = "chars"  # "chars" (shipped) or "words" (build_tokenizer.py --words, an experiment)
     gen_lengths: tuple = GEN_LENGTHS
 
 
@@ -193,6 +196,21 @@ def evaluate(cfg, w, enc, per_task: int) -> dict[str, float]:
     return res
 
 
+def parse_weights(text: str) -> dict[str, float]:
+    """"reverse=2,add=3,..." -> {"reverse": 2.0, "add": 3.0, ...}; a task left out gets weight 0."""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or name.strip() not in tasks.TASKS:
+            raise ValueError(f"--task-weights {text!r}: expected task=weight pairs separated by commas, tasks among "
+                             f"{', '.join(tasks.TASKS)}")
+    return out
+
+
 def params_of(w: ModelWeights) -> list[torch.Tensor]:
     """The tensors themselves (dataclasses.astuple would deep-copy them, and the copies would be trained)."""
     return [w.embed, w.ln_f, w.lm_head] + [getattr(l, f.name) for l in w.layers for f in dataclasses.fields(l)]
@@ -202,7 +220,10 @@ def train(tc: TrainConfig, out: Path, log=print, command: str | None = None, ini
     torch.manual_seed(tc.seed)
     torch.set_num_threads(tc.threads)
     out.mkdir(parents=True, exist_ok=True)
-    build_tokenizer.write(out)
+    if tc.tokenizer not in ("chars", "words"):
+        raise ValueError(f"--tokenizer {tc.tokenizer!r}: expected chars or words")
+    words = tc.tokenizer == "words"
+    build_tokenizer.write(out, words=words)
     ids = build_tokenizer.special_ids(out)
     max_prompt = 128  # the longest multi-turn prompt of the suite is ~100 tokens
     cfg = LLaDAConfig(d_model=tc.d_model, n_layers=tc.n_layers, n_heads=tc.n_heads, n_kv_heads=tc.n_heads,
@@ -235,7 +256,9 @@ def train(tc: TrainConfig, out: Path, log=print, command: str | None = None, ini
     n_params = w.num_parameters()
     log(f"model: d_model={cfg.d_model} layers={cfg.n_layers} heads={cfg.n_heads} (head_dim {cfg.head_dim}) "
         f"mlp={cfg.mlp_hidden_size} vocab={cfg.vocab_size} params={n_params:,}; train: {tc}")
-    data = batches(enc, tasks.train_stream(tc.seed), random.Random(tc.seed + 1), tc.batch_size, tc.gen_lengths)
+    reject = frozenset(build_tokenizer.word_tokens(words)) if words else frozenset()  # whole-word tokens
+    stream = tasks.train_stream(tc.seed, parse_weights(tc.task_weights) or None, reject)
+    data = batches(enc, stream, random.Random(tc.seed + 1), tc.batch_size, tc.gen_lengths)
     gen = torch.Generator().manual_seed(tc.seed + 2)
     history = []
     t_start = time.perf_counter()

@@ -119,6 +119,62 @@ def test_tokenizer_covers_the_suite(tmp_path, heldout, train):
             assert unk not in ids and tok.decode(ids) == text
 
 
+def test_shipped_tokenizer_is_the_character_one(tmp_path):
+    from tokenizers import Tokenizer
+
+    build_tokenizer.write(tmp_path)
+    shipped = Tokenizer.from_file(str(Path(__file__).resolve().parent.parent / "llada_rt" / "models" / "small" /
+                                      "tokenizer.json"))
+    assert Tokenizer.from_file(str(tmp_path / "tokenizer.json")).get_vocab() == shipped.get_vocab()
+    assert build_tokenizer.special_ids(tmp_path)["vocab_size"] == 128
+
+
+def test_word_tokenizer_whole_words_are_tokens_and_other_text_characters(tmp_path, heldout, train):
+    """--words: training-phrasing words and table names are one token each; words only the held-out phrasings use,
+    parts of longer words, the strings to reverse and all digits are spelled out one character per token."""
+    from tokenizers import Tokenizer
+
+    build_tokenizer.write(tmp_path, words=True)
+    assert build_tokenizer.special_ids(tmp_path)["vocab_size"] == 256
+    tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    words = tasks.vocabulary_words()
+    assert {"Buenos Aires", "Argentina", "capital", "Reverse"} <= set(words)
+    for w in words:
+        assert tok.encode(w, add_special_tokens=False).tokens == [w], w
+    pieces = tok.encode("Tell me the country whose capital is Kuala Lumpur.", add_special_tokens=False).tokens
+    print(pieces)
+    assert pieces == [*"Tell", " ", *"me", " ", "the", " ", "country", " ", *"whose", " ", "capital", " ", "is", " ",
+                      "Kuala Lumpur", "."]
+    assert tok.encode("thecapitals", add_special_tokens=False).tokens == list("thecapitals")
+    for e in heldout + train[:3000]:
+        if e.task in SYNTHETIC:
+            assert e.answer not in words
+            assert tok.encode(e.answer, add_special_tokens=False).tokens == list(e.answer), e
+
+
+def test_task_weights(train):
+    ex = tasks.train_examples(6000, seed=5, weights={"add": 3, "reverse": 1})
+    counts = Counter(e.task for e in ex)
+    print(counts)
+    assert set(counts) == {"add", "reverse"} and 2.6 < counts["add"] / counts["reverse"] < 3.4
+    uniform = Counter(e.task for e in train)
+    assert min(uniform.values()) > 0.9 * max(uniform.values())
+    assert tasks.train_examples(100, seed=1, weights={t: 1 for t in tasks.TASKS})[0].task in tasks.TASKS
+    for bad in ({"nope": 1}, {"add": 0}, {"add": -1, "sort": 2}, {}):
+        with pytest.raises(ValueError, match="weights"):
+            next(tasks.train_stream(1, bad))
+
+
+def test_rejected_words_are_never_strings_to_reverse():
+    import itertools
+
+    three = frozenset("".join(p) for p in itertools.product("abcdefghijklmnopqrstuvwxyz", repeat=3))
+    stream = tasks.train_stream(4, {"reverse": 1}, reject_words=three)
+    lengths = Counter(len(next(stream).key[1]) for _ in range(3000))
+    print(lengths)
+    assert 3 not in lengths and set(lengths) == set(range(4, tasks.REVERSE_LEN[1] + 1))
+
+
 def test_tokenizer_files_match_llada(tmp_path):
     """Special tokens by content, ids consistent across files, LLaDA's chat template rendered by the runtime."""
     import json

@@ -75,3 +75,20 @@ def test_script_quick_mode(tmp_path):
                         "--out", str(tmp_path / "q")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "saved" in r.stdout and (tmp_path / "q" / "model.safetensors").is_file()
+
+
+def test_task_weights_option():
+    assert train_small.parse_weights("add=3, reverse=1.5") == {"add": 3.0, "reverse": 1.5}
+    assert train_small.parse_weights("") == {} and train_small.TrainConfig.task_weights == ""  # uniform
+    for bad in ("add", "add=x", "plus=1", "add=1;sort=2"):
+        with pytest.raises(ValueError, match="task=weight"):
+            train_small.parse_weights(bad)
+
+
+def test_word_tokenizer_option(tmp_path):
+    tc = train_small.TrainConfig(**{**train_small.QUICK, "steps": 2, "tokenizer": "words",
+                                    "task_weights": "reverse=1,capital=1"})
+    res = train_small.train(tc, tmp_path / "w", log=lambda s: None)
+    assert res["cfg"].vocab_size == 256 and len(res["history"]) == 2
+    with pytest.raises(ValueError, match="chars or words"):
+        train_small.train(train_small.TrainConfig(**{**train_small.QUICK, "tokenizer": "bpe"}), tmp_path / "x")
