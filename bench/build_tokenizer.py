@@ -24,7 +24,7 @@ START_HEADER, END_HEADER, EOT = "<|start_header_id|>", "<|end_header_id|>", "<|e
 UNK = "<|unk|>"
 SPECIAL_TOKENS = [BOS, EOS, UNK, MASK, START_HEADER, END_HEADER, EOT]
 TEMPLATE_TOKENS = ["user", "assistant", "system", "\n\n"]
-VOCAB_ROUND = 128  # the embedding and LM head have the tokenizer's size rounded up to this; the extra ids are unused  # rows of the embedding and LM head; ids past the tokenizer's are never produced
+VOCAB_ROUND = 128  # rows of the embedding and LM head: the tokenizer's size rounded up; the extra ids are never produced
 
 # LLaDA-8B-Instruct's chat_template, logic verbatim (LLADA.md section 2): BOS once, user/assistant turns with
 # trimmed content and <|eot_id|>, other roles dropped, then the assistant header or EOS.

@@ -324,6 +324,12 @@ def main(argv=None) -> int:
     base.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if f.name != "gen_lengths" and getattr(args, f.name) is not None})
     command = "python bench/train_small.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    try:
+        parse_weights(base.get("task_weights", ""))
+    except ValueError as e:
+        ap.error(str(e))
+    if base.get("tokenizer", "chars") not in ("chars", "words"):
+        ap.error(f"--tokenizer {base['tokenizer']!r}: expected chars or words")
     train(TrainConfig(**base), args.out, log=lambda s: print(s, flush=True), command=command.strip(),
           init_from=args.init_from)
     return 0

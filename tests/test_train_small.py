@@ -92,3 +92,10 @@ def test_word_tokenizer_option(tmp_path):
     assert res["cfg"].vocab_size == 256 and len(res["history"]) == 2
     with pytest.raises(ValueError, match="chars or words"):
         train_small.train(train_small.TrainConfig(**{**train_small.QUICK, "tokenizer": "bpe"}), tmp_path / "x")
+
+
+def test_script_rejects_bad_options(tmp_path):
+    for args, needle in ((["--task-weights", "add=x"], "task=weight"), (["--tokenizer", "bpe"], "chars or words")):
+        r = subprocess.run([sys.executable, str(ROOT / "bench" / "train_small.py"), "--quick", *args,
+                            "--out", str(tmp_path / "q")], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
