@@ -14,6 +14,7 @@ The held-out set is fixed (HELDOUT_SEED); training draws with any other seed and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 import re
 from pathlib import Path
@@ -149,14 +150,14 @@ def train_stream(seed: int, weights: dict[str, float] | None = None,
             raise ValueError(f"task weights {weights}: keys must be among {TASKS}, weights >= 0, not all 0")
         names = [t for t in TASKS if weights.get(t, 0) > 0]
         shares = [weights[t] for t in names]
+    makers = {**_MAKERS, "reverse": functools.partial(_reverse, reject=reject_words)}
     rng = random.Random(seed)
     banned = heldout_keys()
     capitals = load_capitals()
     while True:
         task = rng.choice(TASKS) if weights is None else rng.choices(names, shares)[0]
         if task in _MAKERS:
-            template = rng.choice(_TEMPLATES[task])
-            e = _reverse(rng, template, reject_words) if task == "reverse" else _MAKERS[task](rng, template)
+            e = makers[task](rng, rng.choice(_TEMPLATES[task]))
             if e.key in banned:
                 continue
         else:

@@ -211,6 +211,13 @@ def parse_weights(text: str) -> dict[str, float]:
     return out
 
 
+def check_options(tc: TrainConfig) -> None:
+    """ValueError with what is wrong for a bad --task-weights or --tokenizer."""
+    parse_weights(tc.task_weights)
+    if tc.tokenizer not in ("chars", "words"):
+        raise ValueError(f"--tokenizer {tc.tokenizer!r}: expected chars or words")
+
+
 def params_of(w: ModelWeights) -> list[torch.Tensor]:
     """The tensors themselves (dataclasses.astuple would deep-copy them, and the copies would be trained)."""
     return [w.embed, w.ln_f, w.lm_head] + [getattr(l, f.name) for l in w.layers for f in dataclasses.fields(l)]
@@ -220,8 +227,7 @@ def train(tc: TrainConfig, out: Path, log=print, command: str | None = None, ini
     torch.manual_seed(tc.seed)
     torch.set_num_threads(tc.threads)
     out.mkdir(parents=True, exist_ok=True)
-    if tc.tokenizer not in ("chars", "words"):
-        raise ValueError(f"--tokenizer {tc.tokenizer!r}: expected chars or words")
+    check_options(tc)
     words = tc.tokenizer == "words"
     build_tokenizer.write(out, words=words)
     ids = build_tokenizer.special_ids(out)
@@ -325,11 +331,9 @@ def main(argv=None) -> int:
                  if f.name != "gen_lengths" and getattr(args, f.name) is not None})
     command = "python bench/train_small.py " + " ".join(argv if argv is not None else sys.argv[1:])
     try:
-        parse_weights(base.get("task_weights", ""))
+        check_options(TrainConfig(**base))
     except ValueError as e:
         ap.error(str(e))
-    if base.get("tokenizer", "chars") not in ("chars", "words"):
-        ap.error(f"--tokenizer {base['tokenizer']!r}: expected chars or words")
     train(TrainConfig(**base), args.out, log=lambda s: print(s, flush=True), command=command.strip(),
           init_from=args.init_from)
     return 0
