@@ -32,7 +32,21 @@ PYBIND11_MODULE(_C, m) {
     remask_cpu(p);
   }, LLADA_REMASK_ARGS);
 
+  m.def("advance_cpu", [](std::vector<uintptr_t> state, int64_t canvas_stride, int B, int N, int64_t mask_id,
+                          int64_t fill_id, std::vector<int64_t> stop_ids, int64_t skip_slot) {
+    AdvanceParams p = advance_params(state, canvas_stride, B, N, mask_id, fill_id, stop_ids, skip_slot);
+    py::gil_scoped_release nogil;
+    advance_cpu(p);
+  }, LLADA_ADVANCE_ARGS);
+
 #if defined(LLADA_WITH_CUDA)
+  m.def("advance_cuda", [](std::vector<uintptr_t> state, int64_t canvas_stride, int B, int N, int64_t mask_id,
+                           int64_t fill_id, std::vector<int64_t> stop_ids, int64_t skip_slot, uintptr_t stream) {
+    AdvanceParams p = advance_params(state, canvas_stride, B, N, mask_id, fill_id, stop_ids, skip_slot);
+    py::gil_scoped_release nogil;
+    run_advance(p, reinterpret_cast<void*>(stream));
+  }, LLADA_ADVANCE_ARGS, py::arg("stream"));
+
   m.def("confidence_cuda", [](uintptr_t token, uintptr_t prob, uintptr_t logits, int64_t b_stride, int64_t n_stride,
                               uintptr_t masked, int B, int N, int V, int dtype, float temperature, uint64_t seed,
                               uint64_t offset, bool random_confidence, std::vector<int64_t> suppress_ids,

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "advance.h"
 #include "attention.h"
 #include "confidence.h"
 #include "remask.h"
@@ -94,5 +95,35 @@ inline AttentionParams attention_params(uintptr_t o, uintptr_t q, uintptr_t k, u
   py::arg("o"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("strides"), py::arg("key_start"),               \
       py::arg("key_end"), py::arg("B"), py::arg("Lq"), py::arg("Lk"), py::arg("Hq"), py::arg("Hkv"), py::arg("D"), \
       py::arg("scale"), py::arg("dtype")
+
+// state: 13 pointers in the order of AdvanceParams (status, canvas, slots, block_start, step, nsteps, k, spb,
+// prompt_len, length, rule, early_stop, filled)
+inline AdvanceParams advance_params(const std::vector<uintptr_t>& state, int64_t canvas_stride, int B, int N,
+                                    int64_t mask_id, int64_t fill_id, const std::vector<int64_t>& stop_ids,
+                                    int64_t skip_slot) {
+  if (state.size() != 13) throw std::invalid_argument("llada_rt: advance expects 13 state pointers");
+  AdvanceParams p{};
+  p.status_ptr = ptr<int32_t>(state[0]);
+  p.canvas_ptr = ptr<int64_t>(state[1]);
+  p.canvas_stride = canvas_stride;
+  p.slots_ptr = ptr<const int64_t>(state[2]);
+  p.block_start_ptr = ptr<int64_t>(state[3]);
+  p.step_ptr = ptr<int64_t>(state[4]);
+  p.nsteps_ptr = ptr<int64_t>(state[5]);
+  p.k_ptr = ptr<int64_t>(state[6]);
+  p.spb_ptr = ptr<const int64_t>(state[7]);
+  p.prompt_len_ptr = ptr<const int64_t>(state[8]);
+  p.length_ptr = ptr<const int64_t>(state[9]);
+  p.rule_ptr = ptr<const int32_t>(state[10]);
+  p.early_stop_ptr = ptr<const bool>(state[11]);
+  p.filled_ptr = ptr<int32_t>(state[12]);
+  p.B = B; p.N = N; p.mask_id = mask_id; p.fill_id = fill_id; p.skip_slot = skip_slot;
+  copy_ids(stop_ids, p.stop_ids, &p.n_stop, "stop");
+  return p;
+}
+
+#define LLADA_ADVANCE_ARGS                                                                                         \
+  py::arg("state"), py::arg("canvas_stride"), py::arg("B"), py::arg("N"), py::arg("mask_id"), py::arg("fill_id"), \
+      py::arg("stop_ids"), py::arg("skip_slot")
 
 }  // namespace llada::bind

@@ -153,3 +153,17 @@ def load_config(ckpt_dir: str | Path) -> LLaDAConfig:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     return LLaDAConfig.from_dict(d, source=str(path))
+
+
+def load_generation_config(ckpt_dir: str | Path) -> dict[str, Any]:
+    """<ckpt_dir>/generation_config.json as a dict ({} when the file is absent)."""
+    path = Path(ckpt_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d

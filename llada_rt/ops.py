@@ -324,3 +324,50 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_start: torc
         return torch.ops.llada_rt.attention(q, k, v, key_start, key_end, scale)
     torch.ops.llada_rt.attention_out(out, q, k, v, key_start, key_end, scale)
     return out
+
+
+# ---- advance -------------------------------------------------------------------------------------------------------
+
+_ADVANCE_STATE = (("status", torch.int32), ("canvas", torch.int64), ("slots", torch.int64),
+                  ("block_start", torch.int64), ("step", torch.int64), ("nsteps", torch.int64), ("k", torch.int64),
+                  ("spb", torch.int64), ("prompt_len", torch.int64), ("length", torch.int64), ("rule", torch.int32),
+                  ("early_stop", torch.bool), ("filled", torch.int32))
+
+
+def _check_advance(tensors, block_length, stop_ids) -> None:
+    op = "advance"
+    named = dict(zip((n for n, _ in _ADVANCE_STATE), tensors))
+    canvas, slots = named["canvas"], named["slots"]
+    _check(canvas.dim() == 2 and canvas.stride(1) == 1, op, f"canvas must be (R, T) with unit stride over T, got shape "
+           f"{tuple(canvas.shape)} strides {canvas.stride()}")
+    R = canvas.shape[0]
+    for (name, dtype), t in zip(_ADVANCE_STATE, tensors):
+        _check(t.dtype == dtype, op, f"{name} must be {dtype}, got {t.dtype}")
+        _check(t.device == canvas.device, op, f"{name} is on {t.device} but canvas is on {canvas.device}")
+        if name not in ("canvas", "slots"):
+            _check(tuple(t.shape) == (R,) and t.is_contiguous(), op,
+                   f"{name} must be a contiguous ({R},) tensor (one entry per canvas row), got {tuple(t.shape)}")
+    _check(slots.dim() == 1 and slots.is_contiguous(), op, f"slots must be a contiguous (B,) tensor, got "
+           f"{tuple(slots.shape)}")
+    _check(0 < block_length <= canvas.shape[1], op, f"block_length must be in [1, T = {canvas.shape[1]}], got "
+           f"{block_length}")
+    _check(len(stop_ids) <= MAX_SPECIAL_IDS, op, f"at most {MAX_SPECIAL_IDS} stop ids, got {len(stop_ids)}")
+
+
+def advance(status, canvas, slots, block_start, step, nsteps, k, spb, prompt_len, length, rule, early_stop, filled, *,
+            block_length: int, mask_id: int, fill_id: int, stop_ids=(), skip_slot: int = -1) -> None:
+    """After a denoising step of the canvas rows `slots` (B,): moves each row's counters on in place (semantics and
+    status bits: reference.advance). Every state tensor is one entry per canvas row (R,); nothing is read back to
+    the host and nothing is allocated, so it can run inside a CUDA graph."""
+    tensors = (status, canvas, slots, block_start, step, nsteps, k, spb, prompt_len, length, rule, early_stop, filled)
+    _check_advance(tensors, block_length, stop_ids)
+    B = slots.shape[0]
+    if B == 0:
+        return
+    args = ([t.data_ptr() for t in tensors], canvas.stride(0), B, int(block_length), int(mask_id), int(fill_id),
+            [int(i) for i in stop_ids], int(skip_slot))
+    if canvas.is_cuda:
+        _require_cuda_build("advance")
+        _C.advance_cuda(*args, _stream(canvas))
+    else:
+        _C.advance_cpu(*args)

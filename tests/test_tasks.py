@@ -199,7 +199,7 @@ def test_tokenizer_files_match_llada(tmp_path):
 
 def test_eval_rows_cover_modes_curve_and_early_stop():
     import eval_tasks
-    from llada_rt.decoding import MODES, GenerationConfig
+    from llada_rt.generation_config import MODES, GenerationConfig
 
     labels = [label for label, _ in eval_tasks.mode_rows()]
     print(labels)
