@@ -20,7 +20,7 @@ class UsageError(Exception):
 
 
 def _generation_fields():
-    from .decoding import GenerationConfig
+    from .generation_config import GenerationConfig
 
     return dataclasses.fields(GenerationConfig)
 
@@ -42,9 +42,9 @@ _OPTION_HELP = {
 
 
 def _choices(name: str):
-    from . import decoding
+    from .generation_config import MODES, REMASKING
 
-    return {"mode": getattr(decoding, "MODES", None), "remasking": getattr(decoding, "REMASKING", None)}.get(name)
+    return {"mode": MODES, "remasking": REMASKING}.get(name)
 
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
@@ -66,23 +66,9 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
                            choices=_choices(f.name), help=f"{text} (runtime default: {default})")
 
 
-def _options(args, rt) -> dict:
-    """Generation options: the checkpoint's recommended ones, overridden by those given on the command line."""
-    names = [f.name for f in _generation_fields()]
-    opts = {}
-    gen_cfg = rt.path / "generation_config.json"
-    if gen_cfg.is_file():
-        try:
-            opts.update({k: v for k, v in json.loads(gen_cfg.read_text()).items() if k in names})
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            pass
-    given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-    if "gen_length" in given and "steps" not in given and "steps" in opts:
-        del opts["steps"]  # steps follows a new gen_length unless given too
-    if "gen_length" in given and "block_length" not in given and opts.get("block_length", 0) > given["gen_length"]:
-        opts["block_length"] = given["gen_length"]
-    opts.update(given)
-    return opts
+def _options(args) -> dict:
+    """The generation options given on the command line (Runtime puts them over generation_config.json's)."""
+    return {f.name: getattr(args, f.name) for f in _generation_fields() if getattr(args, f.name, None) is not None}
 
 
 def _load(args):
@@ -158,7 +144,7 @@ def cmd_generate(args) -> int:
     if not prompt.strip():
         raise UsageError("the prompt is empty")
     rt = _load(args)
-    opts = _options(args, rt)
+    opts = _options(args)
     chat = None if args.chat is None else args.chat
     if args.stream:
         text, nfe = _stream(rt, prompt, opts, chat, sys.stderr if args.json else sys.stdout)
@@ -181,17 +167,15 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    """Multi-turn REPL as ML-GSAI chat.py: the next prompt is the previous prompt and answer with EOS removed,
-    followed by the new user turn rendered by the chat template (its BOS dropped)."""
+    """Multi-turn REPL (Runtime.chat): every turn sees the conversation so far, as ML-GSAI chat.py."""
     rt = _load(args)
-    opts = _options(args, rt)
-    tok = rt.tokenizer
-    if not tok.is_chat:
+    opts = _options(args)
+    if not rt.tokenizer.is_chat:
         raise UsageError(f"{rt.path}: the checkpoint has no chat_template (a Base model); use `generate` instead")
     interactive = sys.stdin.isatty()
     if interactive:
         print("llada-rt chat: type a message; /reset starts over, /exit (or Ctrl-D) quits.", flush=True)
-    history: list[int] = []
+    messages: list[dict] = []
     while True:
         try:
             line = input("you> " if interactive else "")
@@ -203,15 +187,16 @@ def cmd_chat(args) -> int:
         if msg in ("/exit", "/quit", "exit", "quit"):
             break
         if msg == "/reset":
-            history = []
+            messages = []
             print("(conversation cleared)", flush=True)
             continue
-        turn = tok.encode_chat([{"role": "user", "content": msg}])
-        prompt = turn if not history else history + turn[1:]
-        res = rt.generate(prompt, chat=False, **opts)
-        P = res.prompt_len
-        full = res.canvas[0, P - len(prompt):].tolist()
-        history = [t for t in full if t not in (tok.eos_id, rt.config.mask_token_id)]
+        messages.append({"role": "user", "content": msg})
+        res = rt.chat(messages, **opts)
+        if res.dropped_turns:
+            print(f"(the conversation outgrew the context: the oldest {res.dropped_turns} turn(s) were left out)",
+                  file=sys.stderr, flush=True)
+            messages = messages[2 * res.dropped_turns:]
+        messages.append({"role": "assistant", "content": res.text})
         print(("bot> " if interactive else "") + res.text, flush=True)
     return EXIT_OK
 
@@ -370,7 +355,7 @@ def main(argv=None) -> int:
     except Exception as e:  # every other failure: one clear line, the traceback only with --debug
         if debug:
             raise
-        from .decoding import GenerationConfigError
+        from .generation_config import GenerationConfigError
 
         user_errors = (GenerationConfigError, FileNotFoundError)
         kind = type(e).__name__
