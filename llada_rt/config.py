@@ -29,9 +29,10 @@ def short_repr(v: Any, limit: int = 80) -> str:
     return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
-def parse_json(data: bytes | str, source: str, error: type[ValueError]) -> Any:
+def parse_json(data: bytes | str, source: str, error: type[ValueError], allow_nan: bool = True) -> Any:
     """JSON text -> value, every failure raised as `error` naming `source`: invalid UTF-8 or JSON, nesting too deep
-    for the parser, integers beyond Python's digit limit, and keys given twice in one object (json keeps the last)."""
+    for the parser, integers beyond Python's digit limit, a key given twice in one object (json keeps the last), a
+    string with a lone surrogate escape (not Unicode), and, unless allow_nan, NaN or Infinity (not JSON either)."""
     def no_duplicates(pairs):
         d = {}
         for k, v in pairs:
@@ -42,7 +43,7 @@ def parse_json(data: bytes | str, source: str, error: type[ValueError]) -> Any:
 
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
-        return json.loads(text, object_pairs_hook=no_duplicates)
+        value = json.loads(text, object_pairs_hook=no_duplicates)
     except UnicodeDecodeError as e:
         raise error(f"{source}: not valid UTF-8 text (byte {e.start}); the file is corrupt or not JSON") from None
     except RecursionError:
@@ -51,15 +52,53 @@ def parse_json(data: bytes | str, source: str, error: type[ValueError]) -> Any:
         raise
     except ValueError as e:  # json.JSONDecodeError, and int-digit-limit errors
         raise error(f"{source}: not valid JSON ({e})") from None
+    where = find_in_json(value, _lone_surrogate)
+    if where is not None:
+        raise error(f"{source}: {where} is not valid Unicode text (it holds a lone surrogate escape such as "
+                    "\\ud800)")
+    if not allow_nan:
+        where = find_in_json(value, lambda x: isinstance(x, float) and not math.isfinite(x))
+        if where is not None:
+            raise error(f"{source}: {where} is not a finite number (NaN and Infinity are not JSON)")
+    return value
 
 
-def read_json(path: Path, error: type[ValueError]) -> Any:
+def _lone_surrogate(x: Any) -> bool:
+    if not isinstance(x, str) or x.isascii():
+        return False
+    try:
+        x.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def find_in_json(v: Any, bad) -> str | None:
+    """Where (key['k'][0]...) the first key or value x of a JSON value with bad(x) sits, or None; iterative, since
+    files nest deeply. The whole value is 'the top-level value'."""
+    todo = [(v, "")]
+    while todo:
+        x, at = todo.pop()
+        if bad(x):
+            return at or "the top-level value"
+        if isinstance(x, dict):
+            for k, y in reversed(list(x.items())):
+                path = f"{at}[{k!r}]" if at else str(k)
+                if bad(k):
+                    return f"the key {path}"
+                todo.append((y, path))
+        elif isinstance(x, list):
+            todo.extend((y, f"{at}[{i}]" if at else f"[{i}]") for i, y in reversed(list(enumerate(x))))
+    return None
+
+
+def read_json(path: Path, error: type[ValueError], allow_nan: bool = True) -> Any:
     """The JSON value in the file at `path`; unreadable files and bad JSON raised as `error` naming the file."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise error(f"{path}: cannot be read ({e.strerror or e})") from None
-    return parse_json(data, str(path), error)
+    return parse_json(data, str(path), error, allow_nan)
 
 
 # Keys whose values change the math but that llada_rt runs only in one setting: key -> (supported values, meaning).
@@ -275,13 +314,10 @@ def load_generation_config(ckpt_dir: str | Path, vocab_size: int | None = None) 
     path = Path(ckpt_dir) / GENERATION_CONFIG_FILE
     if not path.exists():
         return {}
-    d = read_json(path, ConfigError)
+    d = read_json(path, ConfigError, allow_nan=False)
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: expected a JSON object of generation settings, got {type(d).__name__}")
     for key, v in d.items():
-        where = _non_finite(v, key)
-        if where is not None:
-            raise ConfigError(f"{path}: {where} is not a finite number (NaN and Infinity are not JSON)")
         if key.endswith("_token_id") and v is not None:
             ids = v if isinstance(v, list) else [v]
             if not ids or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids) or \
@@ -290,15 +326,3 @@ def load_generation_config(ckpt_dir: str | Path, vocab_size: int | None = None) 
                 raise ConfigError(f"{path}: {key}={short_repr(v)} is not a token id; it must be an integer >= 0"
                                   f"{vocab}, a non-empty list of them, or null")
     return d
-
-
-def _non_finite(v: Any, where: str) -> str | None:
-    """The path (key[i][k]...) of the first NaN or infinity in a JSON value, or None (iterative: files nest deeply)."""
-    todo = [(v, where)]
-    while todo:
-        x, at = todo.pop()
-        if isinstance(x, float) and not math.isfinite(x):
-            return at
-        items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, list) else ()
-        todo.extend((y, f"{at}[{k!r}]") for k, y in reversed(list(items)))
-    return None

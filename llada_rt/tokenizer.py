@@ -59,8 +59,6 @@ def _read_config(path: Path) -> dict:
         if not (v is None or isinstance(v, str) or isinstance(v, dict) and isinstance(v.get("content"), str)):
             raise TokenizerError(f"{path}: {key} must be a token string, an object with a string 'content', or "
                                  f"null; got {short_repr(v)}")
-        if v is not None:
-            check_text(_token_text(v), f"{path}: {key}")
     return cfg
 
 
@@ -85,7 +83,7 @@ def _chat_template(cfg: dict, path: Path) -> str | None:
     if not isinstance(t, str):
         raise TokenizerError(f"{path}: chat_template must be a Jinja template string (or a list of named "
                              f"templates), got {short_repr(t)}")
-    return check_text(t, f"{path}: chat_template") or None
+    return t or None
 
 
 def _added_tokens(cfg: dict, path: Path) -> dict[int, str]:
@@ -104,7 +102,7 @@ def _added_tokens(cfg: dict, path: Path) -> dict[int, str]:
         if not (isinstance(v, dict) and isinstance(v.get("content"), str)):
             raise TokenizerError(f"{path}: added_tokens_decoder[{k!r}] must be an object with a string 'content', "
                                  f"got {short_repr(v)}")
-        out[int(k)] = check_text(v["content"], f"{path}: added_tokens_decoder[{k!r}]['content']")
+        out[int(k)] = v["content"]
     return out
 
 

@@ -99,14 +99,14 @@ def read_header(path: Path) -> dict:
             text = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be read ({e})") from None
-    header = parse_json(text, f"{path}: corrupt safetensors header", CheckpointError)
+    header = parse_json(text, f"{path}: corrupt safetensors header", CheckpointError, allow_nan=False)
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_bytes = size - 8 - n
     spans = []
     for name, info in header.items():
         if name == "__metadata__":
-            if not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
+            if not (info is None or isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
                 raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ must map strings to strings, "
                                       f"got {short_repr(info)}; re-download the file")
             continue
@@ -119,12 +119,21 @@ def read_header(path: Path) -> dict:
             raise CheckpointError(f"{path}: truncated: tensor {short_repr(name)} ends at byte {end} of the data section "
                                   f"but the file holds only {data_bytes} data bytes; re-download the file")
         spans.append((start, end, name))
+    # as the safetensors library requires: the tensors tile the data section, without overlaps or gaps
     spans.sort()
-    for (_, end0, name0), (start1, _, name1) in zip(spans, spans[1:]):
-        if start1 < end0:
-            raise CheckpointError(f"{path}: corrupt safetensors header: the bytes of {short_repr(name0)} and "
-                                  f"{short_repr(name1)} overlap (one ends at {end0}, the other starts at {start1}); "
+    covered, last = 0, None
+    for start, end, name in spans:
+        if start < covered:
+            raise CheckpointError(f"{path}: corrupt safetensors header: the bytes of {short_repr(last)} and "
+                                  f"{short_repr(name)} overlap (one ends at {covered}, the other starts at {start}); "
                                   "re-download the file")
+        if start > covered:
+            raise CheckpointError(f"{path}: corrupt safetensors header: data bytes [{covered}, {start}) belong to no "
+                                  "tensor; re-download the file")
+        covered, last = end, name
+    if covered != data_bytes:
+        raise CheckpointError(f"{path}: corrupt safetensors header: the last {data_bytes - covered} data bytes belong "
+                              "to no tensor; re-download the file")
     return header
 
 
@@ -148,9 +157,13 @@ def _entry_problem(info) -> str | None:
     if start > end:
         return f"data_offsets {short_repr(offsets)} start after they end"
     numel = 1
-    for s in shape:
+    for s in shape:   # in 64 bits, as the safetensors library computes it
         numel *= s
+        if numel >= 2**64:
+            return f"shape {short_repr(shape)} is too large (2**64 elements or more)"
     bits = numel * _ST_BITS[dtype]
+    if bits >= 2**64:
+        return f"shape {short_repr(shape)} {dtype} is too large (2**64 bits or more)"
     if bits != 8 * (end - start):
         return f"shape {short_repr(shape)} {dtype} needs {short_repr(-(-bits // 8))} bytes but spans {end - start}"
     return None
