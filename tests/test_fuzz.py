@@ -43,6 +43,18 @@ def _numeric_string(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def attempt(fn, error: type):
+    """fn(), or None when it raises `error` (a documented rejection); any other exception propagates and fails."""
+    try:
+        value = fn()
+    except error as e:
+        print(f"{type(e).__name__}: {str(e)[:200]}")
+        event("rejected")
+        return None
+    event("accepted")
+    return value
+
+
 @pytest.fixture(scope="module")
 def work():
     d = Path(tempfile.mkdtemp(prefix="llada_fuzz_"))
@@ -199,15 +211,9 @@ def test_config_from_dict(changes):
             d.pop(k, None)
         else:
             d[k] = v
-    try:
-        cfg = LLaDAConfig.from_dict(d)
-    except ConfigError as e:
-        print("ConfigError:", str(e)[:200])
-        event("rejected")
-        return
-    event("accepted")
-    print("accepted", changes)
-    _check_config(cfg, d)
+    cfg = attempt(lambda: LLaDAConfig.from_dict(d), ConfigError)
+    if cfg is not None:
+        _check_config(cfg, d)
 
 
 @BOUNDED
@@ -215,13 +221,9 @@ def test_config_from_dict(changes):
                                                                                                "surrogatepass"))))
 def test_load_config_random_file(work, text):
     (work / "config.json").write_bytes(text)
-    try:
-        cfg = load_config(work)
-    except ConfigError as e:
-        print("ConfigError:", str(e)[:200])
-        event("rejected")
-        return
-    _check_config(cfg, json.loads(text))
+    cfg = attempt(lambda: load_config(work), ConfigError)
+    if cfg is not None:
+        _check_config(cfg, json.loads(text))
 
 
 SHARD_NAMES = [SINGLE_FILE, "missing.safetensors", "../" + SINGLE_FILE, "/" + SINGLE_FILE, "sub/" + SINGLE_FILE,
@@ -244,14 +246,9 @@ def index_dir(work):
                                                           max_size=4))})))
 def test_checkpoint_files_random_index(index_dir, index):
     (index_dir / INDEX_FILE).write_text(json.dumps(index), encoding="utf-8", errors="surrogatepass")
-    try:
-        files = checkpoint_files(index_dir)
-    except CheckpointError as e:
-        print("CheckpointError:", str(e)[:200])
-        event("rejected")
+    files = attempt(lambda: checkpoint_files(index_dir), CheckpointError)
+    if files is None:
         return
-    event("accepted")
-    print("accepted", index)
     assert set(files) == set(index["weight_map"])
     for p in files.values():   # only files of the checkpoint directory itself
         assert p.parent == index_dir and p.is_file() and p.name == os.path.basename(p.name)
@@ -287,14 +284,9 @@ def test_tokenizer_config_random(tok_dir, changes, whole):
     if isinstance(cfg, dict):
         cfg.update(changes)
     (tok_dir / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8", errors="surrogatepass")
-    try:
-        tok = Tokenizer(tok_dir)
-    except TokenizerError as e:
-        print("TokenizerError:", str(e)[:200])
-        event("rejected")
+    tok = attempt(lambda: Tokenizer(tok_dir), TokenizerError)
+    if tok is None:
         return
-    event("accepted")
-    print("accepted", cfg if whole is not None else changes)
     assert tok.is_chat == bool(tok.chat_template)
     assert all(isinstance(i, int) and 0 <= i < 2**31 for i in tok.stop_ids + [tok.mask_id])
     if tok.is_chat:
@@ -316,14 +308,9 @@ def test_load_generation_config_random(work, value, raw):
     d.mkdir(exist_ok=True)
     text = raw if raw is not None else json.dumps(value).encode("utf-8", "surrogatepass")
     (d / "generation_config.json").write_bytes(text)
-    try:
-        got = load_generation_config(d, vocab_size=SMALL_VOCAB)
-    except ConfigError as e:
-        print("ConfigError:", str(e)[:200])
-        event("rejected")
+    got = attempt(lambda: load_generation_config(d, vocab_size=SMALL_VOCAB), ConfigError)
+    if got is None:
         return
-    event("accepted")
-    print("accepted", got)
     assert isinstance(got, dict)
     todo = list(got.values())
     while todo:   # no NaN or infinity anywhere
