@@ -24,8 +24,8 @@ def short_repr(v: Any, limit: int = 80) -> str:
     """repr() cut to `limit` characters, for error messages about values read from files (which may be huge)."""
     try:
         r = repr(v)
-    except ValueError:  # an int beyond Python's int-to-str digit limit
-        return f"<an integer of about {int(v.bit_length() * 0.30103)} digits>"
+    except ValueError:  # it holds an int beyond Python's int-to-str digit limit
+        return f"<a {type(v).__name__} too large to show>"
     return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
@@ -83,7 +83,7 @@ def find_in_json(v: Any, bad) -> str | None:
             return at or "the top-level value"
         if isinstance(x, dict):
             for k, y in reversed(list(x.items())):
-                path = f"{at}[{k!r}]" if at else str(k)
+                path = f"{at}[{short_repr(k)}]" if at else k if k.isprintable() and len(k) <= 80 else short_repr(k)
                 if bad(k):
                     return f"the key {path}"
                 todo.append((y, path))

@@ -22,7 +22,8 @@ _PROBE_CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content
 
 
 class TokenizerError(ValueError):
-    """tokenizer.json / tokenizer_config.json missing, unreadable, or inconsistent with config.json."""
+    """tokenizer.json / tokenizer_config.json missing, unreadable, malformed or inconsistent with config.json (or a chat
+    template whose special tokens the tokenizer cannot encode); or text to encode that is not a valid str."""
 
 
 def _token_text(v) -> str | None:

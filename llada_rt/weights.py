@@ -23,7 +23,8 @@ _MAX_HEADER = 100 * 2**20   # safetensors' own limit on the JSON header
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file is missing, truncated or corrupt, or its tensors do not match config.json."""
+    """A checkpoint file is missing, truncated or corrupt (a malformed index or safetensors header entry), its tensors
+    do not match config.json, or they hold NaN/inf."""
 
 
 @dataclasses.dataclass

@@ -338,7 +338,7 @@ CASES = [
     Case("bos_token-surrogate", tok_config(bos_token="\ud800"), tokenizer, TokenizerError,
          ("tokenizer_config.json: bos_token is not valid Unicode",)),
     Case("header-name-surrogate", st_file(raw='{"w\\ud800": %s}' % json.dumps(F32_4), data=16), header,
-         CheckpointError, (BAD, "the key w", "not valid Unicode")),
+         CheckpointError, (BAD, "the key 'w", "not valid Unicode")),
     Case("header-nan", st_file(raw='{"w": %s}' % json.dumps({**F32_4, "note": float("nan")}), data=16), header,
          CheckpointError, (BAD, "w['note'] is not a finite number")),
     Case("header-shape-overflow", st_file({"w": {**F32_4, "shape": [2**40, 2**40, 0], "data_offsets": [0, 0]}}),
