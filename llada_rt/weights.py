@@ -117,8 +117,8 @@ def read_header(path: Path) -> dict:
                                   "re-download the file")
         start, end = info["data_offsets"]
         if end > data_bytes:
-            raise CheckpointError(f"{path}: truncated: tensor {short_repr(name)} ends at byte {end} of the data section "
-                                  f"but the file holds only {data_bytes} data bytes; re-download the file")
+            raise CheckpointError(f"{path}: truncated: tensor {short_repr(name)} ends at byte {end} of the data "
+                                  f"section but the file holds only {data_bytes} data bytes; re-download the file")
         spans.append((start, end, name))
     # as the safetensors library requires: the tensors tile the data section, without overlaps or gaps
     spans.sort()
