@@ -228,7 +228,7 @@ def _human_bytes(n: float) -> str:
 
 def cmd_info(args) -> int:
     """Checkpoint summary from config.json, the safetensors headers and the tokenizer files (no weights loaded)."""
-    from .config import load_config
+    from .config import load_config, load_generation_config
     from .runtime import SHIPPED_MODEL
     from .tokenizer import Tokenizer
     from .weights import checkpoint_files, read_header, validate
@@ -239,6 +239,7 @@ def cmd_info(args) -> int:
     cfg = load_config(path)
     tok = Tokenizer(path, mask_id=cfg.mask_token_id, eos_id=cfg.eos_token_id)
     validate(cfg, path)
+    gen_cfg = load_generation_config(path, vocab_size=cfg.vocab_size)
     files = checkpoint_files(path)
     n_params, dtypes = 0, set()
     for f in set(files.values()):
@@ -266,9 +267,8 @@ def cmd_info(args) -> int:
         "special_ids": {"bos": tok.bos_id, "eos": tok.eos_id, "pad": cfg.pad_token_id, "mask": cfg.mask_token_id,
                         "eot": tok.eot_id, "start_header": tok.start_header_id, "end_header": tok.end_header_id},
     }
-    gen_cfg = path / "generation_config.json"
-    if gen_cfg.is_file():
-        info["generation_config"] = json.loads(gen_cfg.read_text())
+    if gen_cfg:
+        info["generation_config"] = gen_cfg
     if args.json:
         print(json.dumps(info, indent=2))
         return EXIT_OK

@@ -126,11 +126,13 @@ class Runtime:
     """A loaded LLaDA checkpoint and its engine. `Runtime()` loads the small model shipped inside the package.
 
     backend 'ops' runs the compiled kernels; 'torch' runs every op from reference.py (slow; for comparisons).
-    max_rows caps the requests in flight at once (None: the engine grows as needed).
+    max_rows caps the requests in flight at once (None: the engine grows as needed). check_finite: scan every weight
+    for NaN/inf at load (skip it only for trusted checkpoints).
     """
 
     def __init__(self, path: str | Path | None = None, device: str | torch.device | None = None,
-                 dtype: torch.dtype | str | None = None, *, backend: str = "ops", max_rows: int | None = None):
+                 dtype: torch.dtype | str | None = None, *, backend: str = "ops", max_rows: int | None = None,
+                 check_finite: bool = True):
         self.path = Path(path) if path is not None else SHIPPED_MODEL
         if not self.path.is_dir():
             where = "the shipped model" if path is None else "the checkpoint directory"
@@ -150,8 +152,8 @@ class Runtime:
         self.dtype = dtype
         self.config = load_config(self.path)
         self.tokenizer = Tokenizer(self.path, mask_id=self.config.mask_token_id, eos_id=self.config.eos_token_id)
-        self.weights = load_weights(self.path, self.config, self.device, dtype)
-        self.generation_defaults = load_generation_config(self.path)
+        self.weights = load_weights(self.path, self.config, self.device, dtype, check_finite=check_finite)
+        self.generation_defaults = load_generation_config(self.path, vocab_size=self.config.vocab_size)
         self.engine = Engine(self.config, self.weights, self.device, stop_ids=self.tokenizer.stop_ids,
                              eot_id=self.tokenizer.eot_id, backend=backend, max_rows=max_rows)
 

@@ -9,16 +9,22 @@ from pathlib import Path
 
 import torch
 
-from .config import LLaDAConfig
+from .config import ConfigError, LLaDAConfig, parse_json, read_json, short_repr
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+# Bits per element of every safetensors dtype (the format's list), to check each header entry's byte span.
+_ST_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
+            "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32,
+            "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64}
+_MAX_HEADER = 100 * 2**20   # safetensors' own limit on the JSON header
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file is missing, truncated or corrupt, or its tensors do not match config.json."""
+    """A checkpoint file is missing, truncated or corrupt (a malformed index or safetensors header entry), its tensors
+    do not match config.json, or they hold NaN/inf."""
 
 
 @dataclasses.dataclass
@@ -78,7 +84,8 @@ def expected_shapes(cfg: LLaDAConfig) -> dict[str, tuple[int, ...]]:
 
 
 def read_header(path: Path) -> dict:
-    """The safetensors JSON header of one file, checked against the file's size."""
+    """The safetensors JSON header of one file, every entry checked (dtype, shape, data_offsets against the dtype,
+    the file's size and each other) so that nothing later indexes a malformed one."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -87,36 +94,90 @@ def read_header(path: Path) -> dict:
                 raise CheckpointError(f"{path}: truncated ({size} bytes; a safetensors file starts with an 8-byte "
                                       "header length)")
             (n,) = struct.unpack("<Q", raw)
-            if n > size - 8 or n > 100 * 2**20:
+            if n > size - 8 or n > _MAX_HEADER:
                 raise CheckpointError(f"{path}: corrupt or truncated safetensors file (header length {n} but the file "
                                       f"has {size} bytes); re-download it")
-            header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e}); re-download the file") from None
+            text = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be read ({e})") from None
+    header = parse_json(text, f"{path}: corrupt safetensors header", CheckpointError, allow_nan=False)
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_bytes = size - 8 - n
+    spans = []
     for name, info in header.items():
         if name == "__metadata__":
+            if not (info is None or isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
+                raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ must map strings to strings, "
+                                      f"got {short_repr(info)}; re-download the file")
             continue
-        try:
-            start, end = info["data_offsets"]
-            shape, dtype = info["shape"], info["dtype"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for {name!r}") from None
+        problem = _entry_problem(info)
+        if problem:
+            raise CheckpointError(f"{path}: corrupt safetensors header entry {short_repr(name)}: {problem}; "
+                                  "re-download the file")
+        start, end = info["data_offsets"]
         if end > data_bytes:
-            raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {end} of the data section but the "
-                                  f"file holds only {data_bytes} data bytes; re-download the file")
-        itemsize = torch.finfo(_ST_DTYPES[dtype]).bits // 8 if dtype in _ST_DTYPES else None
-        numel = 1
-        for s in shape:
-            numel *= s
-        if itemsize is not None and end - start != numel * itemsize:
-            raise CheckpointError(f"{path}: corrupt safetensors header: {name!r} has shape {shape} {dtype} but spans "
-                                  f"{end - start} bytes")
+            raise CheckpointError(f"{path}: truncated: tensor {short_repr(name)} ends at byte {end} of the data "
+                                  f"section but the file holds only {data_bytes} data bytes; re-download the file")
+        spans.append((start, end, name))
+    # as the safetensors library requires: the tensors tile the data section, without overlaps or gaps
+    spans.sort()
+    covered, last = 0, None
+    for start, end, name in spans:
+        if start < covered:
+            raise CheckpointError(f"{path}: corrupt safetensors header: the bytes of {short_repr(last)} and "
+                                  f"{short_repr(name)} overlap (one ends at {covered}, the other starts at {start}); "
+                                  "re-download the file")
+        if start > covered:
+            raise CheckpointError(f"{path}: corrupt safetensors header: data bytes [{covered}, {start}) belong to no "
+                                  "tensor; re-download the file")
+        covered, last = end, name
+    if covered != data_bytes:
+        raise CheckpointError(f"{path}: corrupt safetensors header: the last {data_bytes - covered} data bytes belong "
+                              "to no tensor; re-download the file")
     return header
+
+
+def _entry_problem(info) -> str | None:
+    """What is wrong with one header entry {"dtype", "shape", "data_offsets"}, or None."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        return f"expected an object with dtype, shape and data_offsets, got {short_repr(info)}"
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _ST_BITS:
+        return f"unknown dtype {short_repr(dtype)} (safetensors dtypes: {', '.join(_ST_BITS)})"
+
+    def naturals(v, n=None) -> bool:
+        return isinstance(v, list) and (n is None or len(v) == n) and \
+            all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+
+    if not naturals(shape):
+        return f"shape must be a list of non-negative integers, got {short_repr(shape)}"
+    if not naturals(offsets, 2):
+        return f"data_offsets must be two non-negative integers [start, end], got {short_repr(offsets)}"
+    start, end = offsets
+    if start > end:
+        return f"data_offsets {short_repr(offsets)} start after they end"
+    numel = 1
+    for s in shape:   # in 64 bits, as the safetensors library computes it
+        numel *= s
+        if numel >= 2**64:
+            return f"shape {short_repr(shape)} is too large (2**64 elements or more)"
+    bits = numel * _ST_BITS[dtype]
+    if bits >= 2**64:
+        return f"shape {short_repr(shape)} {dtype} is too large (2**64 bits or more)"
+    if bits != 8 * (end - start):
+        return f"shape {short_repr(shape)} {dtype} needs {short_repr(-(-bits // 8))} bytes but spans {end - start}"
+    return None
+
+
+def _shard_name_problem(fname) -> str | None:
+    """Why a weight_map value is not a shard file name inside the checkpoint directory, or None."""
+    if not isinstance(fname, str):
+        return f"must be a shard file name (a string), got {type(fname).__name__}"
+    if fname in ("", ".", "..") or "/" in fname or "\\" in fname or "\0" in fname or os.path.isabs(fname):
+        return ("must be a plain file name inside the checkpoint directory (no path separators, '..' or absolute "
+                "paths)")
+    return None
 
 
 def checkpoint_files(ckpt_dir: str | Path) -> dict[str, Path]:
@@ -124,12 +185,20 @@ def checkpoint_files(ckpt_dir: str | Path) -> dict[str, Path]:
     ckpt_dir = Path(ckpt_dir)
     index = ckpt_dir / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object): {e}") from None
+        d = read_json(index, CheckpointError)
+        if not isinstance(d, dict) or "weight_map" not in d:
+            got = "an object without one" if isinstance(d, dict) else type(d).__name__
+            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object mapping "
+                                  f"tensor names to shard files; got {got})")
+        weight_map = d["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: weight_map must be an object mapping tensor names to shard files, got "
+                                  f"{short_repr(weight_map)}")
         files = {}
         for name, fname in weight_map.items():
+            problem = _shard_name_problem(fname)
+            if problem:
+                raise CheckpointError(f"{index}: weight_map[{short_repr(name)}] = {short_repr(fname)}: {problem}")
             p = ckpt_dir / fname
             if not p.is_file():
                 raise CheckpointError(f"{index}: shard {fname!r} (holding {name!r}) is missing from {ckpt_dir}")
@@ -182,13 +251,25 @@ def validate(cfg: LLaDAConfig, ckpt_dir: str | Path) -> dict[str, Path]:
 
 
 def load_weights(ckpt_dir: str | Path, cfg: LLaDAConfig, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> ModelWeights:
-    """Loads and fuses the weights one tensor at a time onto `device` in `dtype` (no second full copy in RAM)."""
+                 dtype: torch.dtype = torch.float32, check_finite: bool = True) -> ModelWeights:
+    """Loads and fuses the weights one tensor at a time onto `device` in `dtype` (no second full copy in RAM).
+
+    check_finite: every tensor, as cast to `dtype` on `device`, is checked for NaN/inf (one reduction per tensor on
+    the device; all offenders reported at once by name and file). False skips it, for trusted checkpoints."""
     from safetensors import safe_open
 
-    files = validate(cfg, ckpt_dir)
     device = torch.device(device)
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        from .ops import ATTENTION_HEAD_DIMS
+
+        if cfg.head_dim not in ATTENTION_HEAD_DIMS:
+            raise ConfigError(f"{Path(ckpt_dir) / 'config.json'}: head dimension d_model/n_heads = {cfg.head_dim}; "
+                              f"the CUDA attention kernel runs head dimensions {ATTENTION_HEAD_DIMS} in float16/"
+                              "bfloat16; load this checkpoint in float32 (attention through torch SDPA) or on the CPU "
+                              "(any even head dimension)")
+    files = validate(cfg, ckpt_dir)
     handles = {}
+    non_finite = []
 
     def get(name: str) -> torch.Tensor:
         path = files[name]
@@ -198,10 +279,13 @@ def load_weights(ckpt_dir: str | Path, cfg: LLaDAConfig, device: torch.device | 
             except Exception as e:  # safetensors raises its own error types
                 raise CheckpointError(f"{path}: cannot be opened as safetensors ({e})") from None
         try:
-            t = handles[path].get_tensor(name)
+            stored = handles[path].get_tensor(name)
         except Exception as e:
             raise CheckpointError(f"{path}: tensor {name!r} cannot be read ({e}); the file may be corrupt") from None
-        return t.to(dtype=dtype)
+        t = stored.to(dtype=dtype)
+        if check_finite and not _all_finite(t):
+            non_finite.append(_non_finite_report(path, name, stored, t))
+        return t
 
     def fused(*names: str) -> torch.Tensor:
         parts = [get(n) for n in names]
@@ -220,7 +304,33 @@ def load_weights(ckpt_dir: str | Path, cfg: LLaDAConfig, device: torch.device | 
         ))
     embed = get("model.transformer.wte.weight")
     lm_head = embed if cfg.weight_tying else get("model.transformer.ff_out.weight")
-    return ModelWeights(embed=embed, layers=layers, ln_f=get("model.transformer.ln_f.weight"), lm_head=lm_head)
+    ln_f = get("model.transformer.ln_f.weight")
+    if non_finite:
+        raise CheckpointError(f"{ckpt_dir}: weights with NaN or inf values, which make every answer garbage: "
+                              + "; ".join(non_finite[:8]) + (f" and {len(non_finite) - 8} more tensors"
+                                                             if len(non_finite) > 8 else "")
+                              + "; re-download or re-convert the checkpoint, or pass check_finite=False to load it "
+                              "anyway")
+    return ModelWeights(embed=embed, layers=layers, ln_f=ln_f, lm_head=lm_head)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    # aminmax: one read pass in the tensor's own dtype, no tensor-sized temporary, NaN propagates to both ends (on CPU
+    # it is about 25x faster than isfinite(t).all(), and a float32 sum of bf16 needs a converted copy).
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def _non_finite_report(path: Path, name: str, stored: torch.Tensor, t: torch.Tensor) -> str:
+    """'<file>: <tensor> has N NaN, M inf (of K)', and whether the stored values were finite before the cast."""
+    nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    msg = f"{path.name}: {name} has {nan} NaN and {inf} inf of {t.numel()} values"
+    if t.dtype != stored.dtype and bool(torch.isfinite(stored).all()):
+        msg += (f" (finite as stored in {str(stored.dtype).removeprefix('torch.')}: they overflow "
+                f"{str(t.dtype).removeprefix('torch.')}; load in bfloat16 or float32)")
+    return msg
 
 
 def to_hf_state_dict(cfg: LLaDAConfig, w: ModelWeights) -> dict[str, torch.Tensor]:
