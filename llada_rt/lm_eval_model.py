@@ -56,15 +56,15 @@ class LLaDARuntimeLM(LM):
     """An lm-eval model over llada_rt.Runtime.
 
     model_args: pretrained (checkpoint directory; default the shipped small model), dtype, threads, mc_num (Monte
-    Carlo rows per likelihood, default 128) and mc_batch_size (rows per stratified group, default 32 as the official
-    eval_llada.py, or mc_num when smaller), check_greedy (compute loglikelihood's is_greedy, default True; False returns False without
-    computing it, as the official adapter's is_check_greedy=False), seed, max_tokens (tokens per likelihood forward),
-    window and context (loglikelihood_rolling, see Runtime.log_likelihood_rolling), and every generation option of
-    Runtime.generate (mode, threshold, factor, early_stop, block_length, steps, cfg_scale, remasking, ...). cfg_scale
-    is used by loglikelihood too (the official `cfg`). generate_until's canvas is max_gen_toks tokens (rounded up to a
-    multiple of block_length) unless gen_length is given; the answer is cut to max_gen_toks tokens, then at the first
-    `until` string. batch_size: requests per runtime call ('auto': all requests of a likelihood call at once, and as
-    many prompts per generate call as fit max_tokens).
+    Carlo rows per likelihood, default 128), mc_batch_size (rows per stratified group, default 32 as the official
+    eval_llada.py, or mc_num when smaller), check_greedy (compute loglikelihood's is_greedy, default True; False
+    returns False without computing it, as the official is_check_greedy=False), seed, max_tokens (tokens per
+    likelihood forward), window and context (loglikelihood_rolling, see Runtime.log_likelihood_rolling), and every
+    generation option of Runtime.generate (mode, threshold, factor, early_stop, block_length, steps, cfg_scale,
+    remasking, ...); cfg_scale is used by loglikelihood too (the official `cfg`). generate_until's canvas is
+    max_gen_toks tokens (rounded up to a multiple of block_length) unless gen_length is given; the answer is cut to
+    max_gen_toks tokens, then at the first `until` string. batch_size: requests per runtime call ('auto': all the
+    requests of a likelihood call at once, and as many prompts per generate call as fit max_tokens).
     """
 
     def __init__(self, pretrained: str | None = None, device: str | None = None, dtype: str | None = None,

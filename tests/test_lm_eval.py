@@ -44,8 +44,8 @@ import json, sys
 import lm_eval
 from lm_eval.tasks import TaskManager
 import llada_rt.lm_eval_model as m
-r = lm_eval.simple_evaluate(model="llada_rt", model_args={"mc_num": 32}, tasks=["llada_rt_heldout", "llada_rt_capitals"],
-                            limit=2, batch_size="auto", device="cuda:0", apply_chat_template=True, log_samples=True,
+r = lm_eval.simple_evaluate(model="llada_rt", model_args={"mc_num": 32},
+                            tasks=["llada_rt_heldout", "llada_rt_capitals"], limit=2, batch_size="auto", device="cuda:0", apply_chat_template=True, log_samples=True,
                             task_manager=TaskManager(include_path=str(m.TASKS_DIR)))
 samples = {t: [{"args": s["arguments"], "resps": s["resps"], "target": s["target"]} for s in v]
            for t, v in r["samples"].items()}
