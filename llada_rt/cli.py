@@ -218,6 +218,20 @@ def cmd_bench(args) -> int:
         return int(e.code or 0)
 
 
+def cmd_eval(args) -> int:
+    """lm-eval-harness's `run` with the llada_rt model registered and llada_rt's local tasks on the include path."""
+    try:
+        from .lm_eval_model import run_cli
+    except ImportError as e:
+        raise UsageError(f"lm-eval is not installed ({e}); install it with: pip install 'llada_rt[eval]'") from None
+    argv = list(args.lm_eval_args)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise UsageError("no lm-eval options; e.g. llada-rt eval --tasks llada_rt --apply_chat_template")
+    return run_cli(argv, model=args.model, device=args.device, dtype=args.dtype, threads=args.threads)
+
+
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -327,6 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     b.set_defaults(func=cmd_bench)
 
+    e = sub.add_parser("eval", parents=[common], help="lm-eval-harness with llada_rt (and its local tasks)",
+                       description="lm-eval's `run` with --model llada_rt, llada_rt's local tasks (llada_rt, "
+                                   "llada_rt_heldout, llada_rt_capitals) on the include path and --batch_size auto; "
+                                   "llada-rt's options (--model, --device, --dtype, --threads) come first, then "
+                                   "lm-eval's (`lm-eval run --help`), e.g. --tasks llada_rt --apply_chat_template "
+                                   "--model_args mode=dual,threshold=0.9 --limit 20.")
+    e.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="lm-eval run options")
+    e.set_defaults(func=cmd_eval)
+
     i = sub.add_parser("info", parents=[common], help="checkpoint summary",
                        description="Architecture, parameter count, dtype, size on disk and special token ids.")
     i.add_argument("--json", action="store_true", help="print a JSON object")
@@ -338,9 +361,10 @@ def main(argv=None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command != "bench":
+        if args.command not in ("bench", "eval"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.bench_args = extra + list(args.bench_args)  # bench_generate.py's own options
+        passed_on = "bench_args" if args.command == "bench" else "lm_eval_args"  # the benchmark's / lm-eval's options
+        setattr(args, passed_on, extra + list(getattr(args, passed_on)))
     debug = args.debug or os.environ.get("LLADA_RT_DEBUG") == "1"
     try:
         return args.func(args)
