@@ -4,6 +4,7 @@ alone on a separate Runtime; error statuses with OpenAI's error body; a disconne
 queue's 429; metrics that count; SIGTERM drains (the CLI in a subprocess, on the shipped model)."""
 import asyncio
 import contextlib
+import http.client
 import json
 import os
 import re
@@ -11,23 +12,21 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
-import httpx2 as httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
 from llada_rt import Runtime
 from llada_rt.runtime import SHIPPED_MODEL
-from llada_rt.serve import ServeSettings, create_app
+from llada_rt.serve import ServeSettings, create_app, in_thread
 from llada_rt.serve.metrics import Metrics
 from llada_rt.serve.protocol import APIError, parse_request
-from llada_rt.serve.scheduler import Finished, Scheduler, Update
+from llada_rt.serve.scheduler import Scheduler, Update
 from llada_rt.testing import write_checkpoint
 
 BACKEND = "torch"   # the compiled kernels' per-row API is not on main yet (Runtime() with backend 'ops' fails there)
@@ -71,21 +70,8 @@ def serving(ckpt, max_rows=4, max_queue=16, defaults=None, max_tokens=16):
     settings = ServeSettings(model_name=MODEL, max_rows=max_rows, max_queue=max_queue,
                              defaults=dict(DEFAULTS if defaults is None else defaults), max_tokens=max_tokens)
     app = create_app(rt, settings)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), daemon=True)
-    thread.start()
-    t0 = time.monotonic()
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() - t0 < 30, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
-    finally:
-        server.should_exit = True
-        thread.join(60)
-        sock.close()
+    with in_thread(app) as base_url:
+        yield base_url, app
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +110,26 @@ def chat_ids(ref, messages):
     return ref.tokenizer.encode_chat(messages)
 
 
+def call(base_url, method, path, body=None, raw=None, timeout=120):
+    """A plain HTTP request (the stdlib's client: raw bodies, any status); returns (status, headers, body bytes)."""
+    u = urlsplit(base_url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    try:
+        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def call_json(base_url, method, path, body=None, **kw):
+    status, _, data = call(base_url, method, path, body, **kw)
+    return status, json.loads(data)
+
+
 def metric(base_url, name, **labels) -> float:
-    text = httpx.get(base_url + "/metrics").text
+    text = call(base_url, "GET", "/metrics")[2].decode()
     sel = ",".join(f'{k}="{v}"' for k, v in labels.items())
     pat = re.escape(name) + (r"\{" + re.escape(sel) + r"\}" if sel else "") + r" (\S+)"
     m = re.search("^" + pat + "$", text, re.M)
@@ -190,9 +194,9 @@ def test_chat_equals_solo_and_stream_joins_to_it(ref, client):
 
 
 def _sse_lines(base_url, body):
-    with httpx.stream("POST", base_url + "/v1/completions", json=body, timeout=120) as resp:
-        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
-        return [line for line in resp.iter_lines() if line]
+    status, headers, data = call(base_url, "POST", "/v1/completions", body)
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    return [line for line in data.decode().split("\n") if line]
 
 
 def test_stream_wire_format_and_deltas_are_stable_text(ref, server):
@@ -213,7 +217,7 @@ def test_stream_wire_format_and_deltas_are_stable_text(ref, server):
         assert "".join(texts) == want[0] and reasons[-1] == want[1] and reasons[:-1] == [None] * (len(reasons) - 1)
         assert all(t for t in texts[:-1])   # without the canvas extension a chunk is sent only with new text
         assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] for c in chunks)
-        non_stream = httpx.post(base + "/v1/completions", json={**body, "stream": False}, timeout=120).json()
+        non_stream = call_json(base, "POST", "/v1/completions", {**body, "stream": False})[1]
         assert non_stream["choices"][0]["text"] == want[0]
 
 
@@ -275,7 +279,7 @@ def test_models_and_health(server, client):
     assert client.models.retrieve(MODEL).id == MODEL
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4")
-    h = httpx.get(base + "/health").json()
+    h = call_json(base, "GET", "/health")[1]
     assert h["status"] == "ok" and h["max_rows"] == 4 and h["rows_in_flight"] == 0
 
 
@@ -298,10 +302,10 @@ BAD = [
 def test_bad_completion_requests_are_400_naming_the_field(server, extra, param):
     body = {"model": MODEL, "prompt": "abc", **extra}
     body = {k: v for k, v in body.items() if v is not None}
-    r = httpx.post(server[0] + "/v1/completions", json=body)
-    err = r.json()["error"]
-    print(extra, r.status_code, err)
-    assert r.status_code == 400 and err["param"] == param and err["type"] == "invalid_request_error"
+    status, out = call_json(server[0], "POST", "/v1/completions", body)
+    err = out["error"]
+    print(extra, status, err)
+    assert status == 400 and err["param"] == param and err["type"] == "invalid_request_error"
     assert set(err) == {"message", "type", "param", "code"} and param in err["message"]
 
 
@@ -330,15 +334,14 @@ def test_other_error_statuses(server, client):
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="gpt-4", prompt="x")
     assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
-    r = httpx.post(base + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
-    print(r.status_code, r.json())
-    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
-    r = httpx.post(base + "/v1/completions", json=[1, 2])
-    assert r.status_code == 400
-    r = httpx.get(base + "/v1/completions")
-    assert r.status_code == 405 and set(r.json()["error"]) == {"message", "type", "param", "code"}
-    r = httpx.post(base + "/v1/embeddings", json={})
-    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    status, out = call_json(base, "POST", "/v1/completions", raw=b"{not json")
+    print(status, out)
+    assert status == 400 and out["error"]["code"] == "invalid_json"
+    assert call_json(base, "POST", "/v1/completions", [1, 2])[0] == 400
+    status, out = call_json(base, "GET", "/v1/completions")
+    assert status == 405 and set(out["error"]) == {"message", "type", "param", "code"}
+    status, out = call_json(base, "POST", "/v1/embeddings", {})
+    assert status == 404 and out["error"]["code"] == "not_found"
 
 
 def test_chat_on_a_base_model_is_400(tmp_path):
@@ -402,9 +405,9 @@ def test_disconnect_mid_stream_frees_the_row(long_ckpt):
 def test_non_streamed_disconnect_cancels(long_ckpt):
     with serving(long_ckpt, max_rows=2) as (base, app):
         sched = app.state.scheduler
-        with pytest.raises(httpx.TimeoutException):
-            httpx.post(base + "/v1/completions", json=dict(model=MODEL, prompt="hi", max_tokens=256, steps=256),
-                       timeout=0.5)
+        with pytest.raises(TimeoutError):
+            call(base, "POST", "/v1/completions", dict(model=MODEL, prompt="hi", max_tokens=256, steps=256),
+                 timeout=0.5)
         t0 = time.monotonic()
         while metric(base, "llada_rt_requests_total", endpoint="completions", outcome="cancelled") < 1:
             assert time.monotonic() - t0 < 30, "the disconnect was not seen"
@@ -530,9 +533,9 @@ def test_cli_serve_on_the_shipped_model_drains_on_sigterm(tmp_path):
             assert proc.poll() is None, proc.stdout.read()
             assert time.monotonic() - t0 < 120, "the server did not come up"
             try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                if call(base, "GET", "/health", timeout=2)[0] == 200:
                     break
-            except httpx.TransportError:
+            except OSError:
                 time.sleep(0.2)
         c = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
         prompt = "Reverse the string: qwxk"
@@ -544,9 +547,9 @@ def test_cli_serve_on_the_shipped_model_drains_on_sigterm(tmp_path):
         t1 = time.monotonic()
         while time.monotonic() - t1 < 10:   # the listening socket closes
             try:
-                httpx.get(base + "/health", timeout=1)
+                call(base, "GET", "/health", timeout=1)
                 time.sleep(0.1)
-            except httpx.TransportError:
+            except OSError:
                 break
         else:
             pytest.fail("the server still takes connections 10 s after SIGTERM")

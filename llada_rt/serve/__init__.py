@@ -3,6 +3,6 @@ prometheus-client). protocol: the wire format; text: stable text per choice; sch
 Prometheus series; app: the ASGI endpoints; server: the process."""
 from .app import create_app
 from .protocol import ServeSettings
-from .server import run
+from .server import in_thread, run
 
-__all__ = ["create_app", "run", "ServeSettings"]
+__all__ = ["create_app", "in_thread", "run", "ServeSettings"]

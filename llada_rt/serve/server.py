@@ -1,8 +1,12 @@
-"""The server process: uvicorn on the app, with SIGTERM meaning drain (stop taking connections, answer every request
-in flight, exit 0)."""
+"""Running the app: the server process (uvicorn, with SIGTERM meaning drain: stop taking connections, answer every
+request in flight, exit 0), or uvicorn in a thread of this process (tests, benchmarks, notebooks)."""
 from __future__ import annotations
 
+import contextlib
 import signal
+import socket
+import threading
+import time
 
 from .app import create_app
 from .protocol import ServeSettings
@@ -27,3 +31,27 @@ def run(rt, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, 
         server.run()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def in_thread(app, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 60.0):
+    """Serves `app` from a thread of this process on host:port (0: a free port); yields the base URL. On exit the
+    server drains as on SIGTERM."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=None))
+    thread = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), name="llada-rt-uvicorn", daemon=True)
+    thread.start()
+    t0 = time.monotonic()
+    try:
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() - t0 > start_timeout_s:
+                raise RuntimeError(f"the server did not start on {host}:{sock.getsockname()[1]}")
+            time.sleep(0.02)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join()
+        sock.close()
