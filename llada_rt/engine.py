@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from . import reference
+from .reference import ADVANCE_BLOCK_DONE as BLOCK_DONE, ADVANCE_DONE as DONE, ADVANCE_EARLY as EARLY
 from .cache import KVCache
 from .config import LLaDAConfig
 from .generation_config import GenerationConfig
@@ -21,7 +22,6 @@ from .weights import ModelWeights
 from .workspace import Workspace
 
 RULES = {"topk": 0, "threshold": 1, "factor": 2}
-BLOCK_DONE, DONE, EARLY = 1, 2, 4                 # status bits written by advance
 _COL_QUANTUM = 64                                  # canvas columns grow in multiples of this (and CUDA windows round to it)
 
 
@@ -198,7 +198,10 @@ class Engine:
         row = torch.tensor(r.prompt + [self.mask_id] * (st.cols + 1 - P), dtype=torch.int64)
         st.canvas[s].copy_(row)
         spb = gc.steps_per_block
-        sup = (self._bit[self.eos_id] if gc.logits_eos_inf else 0) | (self._bit[self.mask_id] if gc.parallel else 0)
+        # the mask id is never a candidate outside exact mode's fixed schedule: committing it would leave the position
+        # masked, and a dynamic rule would then never finish the block (exact mode keeps the official behaviour)
+        never_mask = gc.parallel or gc.mode != "exact"
+        sup = (self._bit[self.eos_id] if gc.logits_eos_inf else 0) | (self._bit[self.mask_id] if never_mask else 0)
         zero = 0
         if gc.confidence_eos_eot_inf:
             zero = self._bit[self.eos_id] | (self._bit[self.eot_id] if self.eot_id is not None else 0)
@@ -359,8 +362,9 @@ class Engine:
         if cfg:
             cond, unc = logits[:M], logits[M:]
             scale = torch.take(st.cfg_scale, slM, out=g("cfgM", (M,), f32)).add_(self._const(1.0, f32))
+            scale = g("cfgM_dt", (M,), cond.dtype).copy_(scale)                     # s + 1 in the logits' dtype
             torch.sub(cond, unc, out=cond)
-            cond.mul_(scale[:, None].to(cond.dtype) if cond.dtype != f32 else scale[:, None])
+            cond.mul_(scale[:, None])
             cond.add_(unc)
             logits = cond                                                            # u + (s + 1)(c - u)
         ans = torch.sub(bs, P, out=g("ans0", (Bb,)))                                 # answer position of the block

@@ -204,16 +204,23 @@ class Runtime:
         return make_config(options, self.generation_defaults)
 
     # -- the step API --------------------------------------------------------------------------------------------------
-    def add(self, prompt_ids: list[int], config: GenerationConfig | None = None, events: bool = False,
-            **options) -> Request:
-        """Adds one request (token ids, and a GenerationConfig or options) to the engine; it joins at the next
-        `step()`. Returns its handle (a Request: .done, .answer, .take_events())."""
-        gc = config if config is not None else self.make_config(options)
+    def add(self, prompt_ids, config: GenerationConfig | None = None, events: bool = False, **options) -> Request:
+        """Adds one request (token ids, or a string encoded as generate() encodes it; a GenerationConfig or options)
+        to the engine; it joins at the next `step()`. Returns its handle (a Request: .done, .answer, .take_events())."""
         if config is not None and options:
             raise GenerationConfigError("give either config or options, not both")
-        (ids,) = self.encode_prompts([list(prompt_ids)])
-        gc.validate(len(ids), self.config.max_sequence_length, self.device.type)
-        return self.engine.add(ids, gc, events=events)
+        gc = config if config is not None else self.make_config(options)
+        prompts = self.encode_prompts(prompt_ids)
+        if len(prompts) != 1:
+            raise ValueError(f"add() takes one prompt, got a batch of {len(prompts)}; add them one by one")
+        self._validate(gc, len(prompts[0]))
+        return self.engine.add(prompts[0], gc, events=events)
+
+    def _validate(self, gc: GenerationConfig, prompt_len: int) -> None:
+        gc.validate(prompt_len, self.config.max_sequence_length, self.device.type)
+        if gc.cuda_graph and self.engine.backend != "ops":
+            raise GenerationConfigError("cuda_graph=True needs backend='ops' (reference.py ops read values back to the "
+                                        "host and cannot be captured)")
 
     def step(self) -> list[StepEvent]:
         """Advances every request in flight by one denoising step (Engine.step)."""
@@ -226,7 +233,7 @@ class Runtime:
     def _submit(self, prompt, chat, options, events: bool) -> tuple[list[Request], GenerationConfig]:
         gc = self.make_config(options)
         prompts = self.encode_prompts(prompt, chat)
-        gc.validate(max(len(p) for p in prompts), self.config.max_sequence_length, self.device.type)
+        self._validate(gc, max(len(p) for p in prompts))
         reqs = []
         try:
             for p in prompts:
@@ -257,11 +264,12 @@ class Runtime:
                     if r.pending:
                         rows.append(b)
                         evs.append(r.pending.pop(0))
-                if not evs:
+                finished = all(r.done and not r.pending for r in reqs)
+                if not evs and not finished:
                     continue
                 step += 1
                 ev = StreamEvent(step, rows, evs, self.tokenizer, self.config.mask_token_id)
-                if all(r.done and not r.pending for r in reqs):
+                if finished:
                     ev.result = self._result(reqs, gc, time.perf_counter() - t0, mark)
                     yield ev
                     return
