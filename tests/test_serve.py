@@ -417,6 +417,31 @@ def test_non_streamed_disconnect_cancels(long_ckpt):
         assert sched.rows_in_flight == 0 and app.state.runtime.engine.active == []
 
 
+def test_a_failed_engine_step_is_500_and_the_server_goes_on(long_ckpt):
+    with serving(long_ckpt) as (base, app):
+        rt = app.state.runtime
+        step, fails = rt.step, [2]
+
+        def flaky():
+            if fails[0]:
+                fails[0] -= 1
+                raise RuntimeError("device lost")
+            return step()
+
+        rt.step = flaky
+        c = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+        with pytest.raises(openai.InternalServerError) as e:
+            c.completions.create(model=MODEL, prompt="abc", max_tokens=4)
+        print(e.value.body)
+        assert e.value.body["code"] == "engine_error" and "device lost" in e.value.body["message"]
+        with pytest.raises(openai.APIError) as e:   # streamed: an error event ends the stream
+            list(c.completions.create(model=MODEL, prompt="abc", max_tokens=4, stream=True))
+        assert "device lost" in str(e.value)
+        assert c.completions.create(model=MODEL, prompt="abc", max_tokens=4).choices[0].finish_reason == "length"
+        assert metric(base, "llada_rt_requests_total", endpoint="completions", outcome="error") == 2
+        assert app.state.scheduler.rows_in_flight == 0
+
+
 def test_cancel_frees_the_row_within_one_step(long_ckpt):
     """The scheduler alone: cancel() while the engine steps; the row's NFE grows by at most the step in flight."""
     rt = Runtime(long_ckpt, device="cpu", dtype=torch.float32, backend=BACKEND, max_rows=2)

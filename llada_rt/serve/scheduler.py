@@ -10,6 +10,7 @@ import math
 import threading
 import time
 
+from ..generation_config import GenerationConfigError
 from ..request import Request, StepEvent
 from .metrics import Metrics
 from .protocol import APIError, ChoiceSpec, JobSpec
@@ -159,6 +160,20 @@ class Scheduler:
 
     # -- the engine thread -------------------------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:   # the thread cannot go on: nobody must wait for it
+            with self._cond:
+                self._stopping = True
+                error = APIError(500, f"the engine thread stopped: {type(e).__name__}: {e}", code="engine_error")
+                for row in list(self._active.values()) + list(self._queue):
+                    self._fail(row.job, error)
+                self._active.clear()
+                self._queue.clear()
+                self._accepted = 0
+            raise
+
+    def _loop(self) -> None:
         engine = self.rt.engine
         while True:
             with self._cond:
@@ -178,7 +193,9 @@ class Scheduler:
                 continue
             self.metrics.step(sum(len(ev.positions or ()) for ev in events), engine.forwards - forwards)
             for ev in events:
-                row = self._active[ev.request.id]
+                row = self._active.get(ev.request.id)
+                if row is None:   # not this server's request (the engine is its own, so this is a caller's bug)
+                    continue
                 try:
                     self._on_event(row, ev)
                 except Exception as e:   # a bug in the text bookkeeping: this request fails, the others go on
@@ -202,10 +219,11 @@ class Scheduler:
             row = self._queue.popleft()
             try:
                 row.req = self.rt.add(row.choice.prompt_ids, row.choice.config, events=True)
-            except Exception as e:   # parse_request validated it; what is left is the engine's own refusal
+            except Exception as e:   # parse_request validated it; what is left is the runtime's own refusal
                 self._accepted -= 1
-                self._fail(row.job, APIError(500, f"the engine refused the request: {type(e).__name__}: {e}",
-                                             code="engine_error"))
+                error = APIError(400, str(e), code="invalid_value") if isinstance(e, GenerationConfigError) else \
+                    APIError(500, f"the engine refused the request: {type(e).__name__}: {e}", code="engine_error")
+                self._fail(row.job, error)
                 continue
             row.started = time.perf_counter()
             self._active[row.req.id] = row
@@ -259,7 +277,7 @@ class Scheduler:
         if job.state != "running":
             return
         job.state = "failed"
-        self.metrics.requests.labels(job.endpoint, "error").inc()
+        self.metrics.requests.labels(job.endpoint, "invalid" if error.status < 500 else "error").inc()
         job.post(Failed(error))
 
     def _fail_active(self, error: APIError) -> None:
