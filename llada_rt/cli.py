@@ -229,12 +229,17 @@ def cmd_serve(args) -> int:
         raise UsageError(f"--max-rows must be >= 1 and --max-queue >= 0, got {args.max_rows} and {args.max_queue}")
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
+    from .serve.protocol import APIError, parse_request
+
     rt = _load(args, backend=args.backend, max_rows=args.max_rows)
     defaults = _options(args)
     max_tokens = defaults.pop("gen_length", None) or rt.make_config({}).gen_length
-    rt.make_config(defaults).validate(device_type=rt.device.type)   # bad server defaults fail now, not per request
     settings = ServeSettings(model_name=args.served_model_name or rt.path.name, max_rows=args.max_rows,
                              max_queue=args.max_queue, defaults=defaults, max_tokens=max_tokens)
+    try:   # bad server defaults fail now, not in every request: a request that sets nothing
+        parse_request("completion", {"model": settings.model_name, "prompt": [rt.tokenizer.eos_id]}, rt, settings)
+    except APIError as e:
+        raise UsageError(f"the server's default generation options cannot run: {e.message}") from None
     print(f"llada-rt serve: model {settings.model_name!r} ({rt}, backend {args.backend}) at "
           f"http://{args.host}:{args.port}/v1, {args.max_rows} rows, queue {args.max_queue}", file=sys.stderr,
           flush=True)

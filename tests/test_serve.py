@@ -593,3 +593,13 @@ def test_cli_serve_on_the_shipped_model_drains_on_sigterm(tmp_path):
     print(out[-2000:])
     assert "".join(parts) == rt.tokenizer.decode(want.token_ids[0][:24])
     assert rest[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_cli_serve_rejects_defaults_that_cannot_run(capsys):
+    from llada_rt.cli import main
+
+    assert main(["serve", "--backend", BACKEND, "--threshold", "2"]) == 2
+    err = capsys.readouterr().err
+    print(err)
+    assert "default generation options cannot run" in err and "threshold" in err
+    assert main(["serve", "--backend", BACKEND, "--max-rows", "0"]) == 2
