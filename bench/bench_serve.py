@@ -1,7 +1,8 @@
 """Server benchmark: the same chat requests sent by N concurrent openai-client streams and one at a time, against one
-`llada-rt serve` app (started here on a loopback port, or --url for a running server). Rounds alternate the two
-(one at a time first) so that both see the same machine; the server started here is a `llada-rt serve` subprocess; per round and as medians: requests/s and output tokens/s
-over the round's span, time to first stable text and latency p50/p99, whether both gave the same texts; JSON.
+`llada-rt serve` (started here as a subprocess on a loopback port, or --url for a running server). Rounds alternate
+the two (one at a time first) so that both see the same machine; per round and as medians: requests/s and output
+tokens/s over the round's span, time to first stable text and latency p50/p99, whether both gave the same texts;
+JSON.
 
     python bench/bench_serve.py                                   # shipped model, 8 clients, 32 requests, 3 rounds
     python bench/bench_serve.py --clients 16 --requests 64 --mode dual --threshold 0.9

@@ -334,6 +334,9 @@ def test_other_error_statuses(server, client):
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="gpt-4", prompt="x")
     assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+    nan = b'{"model": "small", "prompt": "x", "temperature": NaN}'   # Python's json reads NaN
+    status, out = call_json(base, "POST", "/v1/completions", raw=nan)
+    assert status == 400 and out["error"]["param"] == "temperature"
     status, out = call_json(base, "POST", "/v1/completions", raw=b"{not json")
     print(status, out)
     assert status == 400 and out["error"]["code"] == "invalid_json"
@@ -358,6 +361,20 @@ def test_chat_on_a_base_model_is_400(tmp_path):
 def _long_stream(client, **kw):
     return client.completions.create(model=MODEL, prompt="hello world", max_tokens=256, stream=True,
                                      extra_body={"steps": 256, "llada_canvas": True}, **kw)
+
+
+def test_a_request_joins_at_the_next_step_without_waiting(ref, long_ckpt):
+    """A short request sent while a long one is denoising is answered while the long one is still in flight."""
+    with serving(long_ckpt, max_rows=2) as (base, app):
+        c = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+        long = _long_stream(c)
+        it = iter(long)
+        next(it)
+        r = c.completions.create(model=MODEL, prompt="abc", max_tokens=4)
+        (req,) = app.state.runtime.engine.active
+        print("short answered while the long request is at nfe", req.nfe, "of", req.config.total_steps)
+        assert r.choices[0].finish_reason and 0 < req.nfe < req.config.total_steps == 256
+        long.close()
 
 
 def test_full_queue_is_429_with_retry_after(long_ckpt):

@@ -166,7 +166,8 @@ def _check_types(body: dict) -> None:
             continue
         if name in _INT and (isinstance(v, bool) or not isinstance(v, int)):
             raise bad(f"{name} must be an integer, got {v!r}", name)
-        if name in _NUM and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+        if name in _NUM and (isinstance(v, bool) or not isinstance(v, (int, float)) or
+                             isinstance(v, float) and not math.isfinite(v)):   # json.loads takes NaN, Infinity
             raise bad(f"{name} must be a finite number, got {v!r}", name)
         if name in _BOOL and not isinstance(v, bool):
             raise bad(f"{name} must be true or false, got {v!r}", name)
@@ -204,7 +205,8 @@ def _completion_prompts(prompt, rt) -> list[list[int]]:
         raise bad("prompt must not be an empty list", "prompt")
     if isinstance(prompt, list) and all(isinstance(p, list) for p in prompt) and any(not p for p in prompt):
         raise bad("a prompt of token ids must not be empty", "prompt")
-    if isinstance(prompt, list) and any(isinstance(t, bool) for p in prompt for t in (p if isinstance(p, list) else [p])):
+    flat = [t for p in prompt for t in (p if isinstance(p, list) else [p])] if isinstance(prompt, list) else []
+    if any(isinstance(t, bool) for t in flat):
         raise bad("token ids must be integers, not booleans", "prompt")
     try:
         return rt.encode_prompts(prompt, chat=False)

@@ -51,8 +51,8 @@ class ChoiceText:
         else:
             text = text[:open_at]
         if not text.startswith(self.sent):
-            raise RuntimeError(f"the tokenizer decoded a longer committed prefix to {text!r}, which does not extend the "
-                               f"text already streamed {self.sent!r}; its decoder is not prefix-stable")
+            raise RuntimeError(f"the tokenizer decoded a longer committed prefix to {text!r}, which does not extend "
+                               f"the text already streamed {self.sent!r}; its decoder is not prefix-stable")
         delta, self.sent = text[len(self.sent):], text
         return delta
 
