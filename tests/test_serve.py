@@ -620,3 +620,14 @@ def test_cli_serve_rejects_defaults_that_cannot_run(capsys):
     print(err)
     assert "default generation options cannot run" in err and "threshold" in err
     assert main(["serve", "--backend", BACKEND, "--max-rows", "0"]) == 2
+
+
+def test_no_op_values_of_unsupported_fields_are_accepted(ref, client):
+    """What clients send by default (top_p 1, zero penalties, user, logprobs null...) changes nothing."""
+    want = solo(ref, chat_ids(ref, [{"role": "user", "content": "Reverse the string: abcd"}]), 8)
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Reverse the string: abcd"}],
+                                       max_completion_tokens=8, top_p=1, frequency_penalty=0, presence_penalty=0,
+                                       user="someone", n=1, response_format={"type": "text"}, logprobs=False,
+                                       tools=[], stream=False)
+    print(repr(r.choices[0].message.content), want)
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == want[:2]
