@@ -1,4 +1,5 @@
 // PYBIND11_MODULE(_C): one function per op and device, taking integer pointers, sizes and a stream; releases the GIL.
+#include "cpu/vec.h"
 #include "params.h"
 
 namespace py = pybind11;
@@ -32,6 +33,50 @@ PYBIND11_MODULE(_C, m) {
     remask_cpu(p);
   }, LLADA_REMASK_ARGS);
 
+  m.def("rms_norm_cpu", [](uintptr_t out, int64_t out_row_stride, uintptr_t x, int64_t x_row_stride,
+                           uintptr_t weight, int64_t M, int d, float eps, int dtype) {
+    RmsNormParams p = rms_norm_params(out, out_row_stride, x, x_row_stride, weight, M, d, eps, dtype);
+    py::gil_scoped_release nogil;
+    rms_norm_cpu(p);
+  }, LLADA_RMS_NORM_ARGS);
+
+  m.def("rope_cpu", [](uintptr_t out, uintptr_t x, std::vector<int64_t> strides, uintptr_t positions, uintptr_t cos,
+                       uintptr_t sin, int64_t P, int B, int S, int H, int D, bool full_precision, int dtype) {
+    RopeParams p = rope_params(out, x, strides, positions, cos, sin, P, B, S, H, D, full_precision, dtype);
+    py::gil_scoped_release nogil;
+    return rope_cpu(p);
+  }, LLADA_ROPE_ARGS, "-1, or the flat (b * S + s) index of the first position outside the table (nothing written)");
+
+  m.def("silu_mul_cpu", [](uintptr_t out, int64_t out_row_stride, uintptr_t gate_up, int64_t gate_up_row_stride,
+                           int64_t M, int F, int dtype) {
+    SiluMulParams p = silu_mul_params(out, out_row_stride, gate_up, gate_up_row_stride, M, F, dtype);
+    py::gil_scoped_release nogil;
+    silu_mul_cpu(p);
+  }, LLADA_SILU_MUL_ARGS);
+
+  m.def("attention_cpu", [](uintptr_t o, uintptr_t q, uintptr_t k, uintptr_t v, std::vector<int64_t> strides,
+                            uintptr_t key_start, uintptr_t key_end, uintptr_t kv_rows, int B, int Lq, int Lk, int Hq,
+                            int Hkv, int D, int R, float scale, int dtype) {
+    AttentionParams p = attention_params(o, q, k, v, strides, key_start, key_end, kv_rows, B, Lq, Lk, Hq, Hkv, D, R,
+                                         scale, dtype);
+    py::gil_scoped_release nogil;
+    return attention_cpu(p);
+  }, LLADA_ATTENTION_ARGS, "-1, or the first b whose kv_rows[b] is outside [0, R) (nothing written)");
+
+  m.def("set_cpu_isa", [](const std::string& name) {
+    static const char* names[] = {"avx512", "avx2", "baseline"};  // in cpu::Isa order, widest first
+    int i = 0;
+    while (i < 3 && name != names[i]) ++i;
+    if (i == 3) throw std::invalid_argument("llada_rt: unknown instruction set '" + name + "'; use avx512, avx2 or baseline");
+    const cpu::Isa previous = cpu::isa_limit().exchange(static_cast<cpu::Isa>(i));
+    return std::string(names[static_cast<int>(previous)]);
+  }, py::arg("name"), "limits the instruction set of the rms_norm, rope, silu_mul and attention CPU kernels; returns the "
+     "previous limit");
+  m.def("cpu_isa", [] {
+    static const char* names[] = {"avx512", "avx2", "baseline"};
+    return std::string(names[static_cast<int>(cpu::active_isa())]);
+  }, "the instruction set the rms_norm, rope, silu_mul and attention CPU kernels run with now");
+
 #if defined(LLADA_WITH_CUDA)
   m.def("confidence_cuda", [](uintptr_t token, uintptr_t prob, uintptr_t logits, int64_t b_stride, int64_t n_stride,
                               uintptr_t masked, int B, int N, int V, int dtype, float temperature, uint64_t seed,
@@ -53,9 +98,10 @@ PYBIND11_MODULE(_C, m) {
   }, LLADA_REMASK_ARGS, py::arg("stream"));
 
   m.def("attention_cuda", [](uintptr_t o, uintptr_t q, uintptr_t k, uintptr_t v, std::vector<int64_t> strides,
-                             uintptr_t key_start, uintptr_t key_end, int B, int Lq, int Lk, int Hq, int Hkv, int D,
-                             float scale, int dtype, uintptr_t stream) {
-    AttentionParams p = attention_params(o, q, k, v, strides, key_start, key_end, B, Lq, Lk, Hq, Hkv, D, scale, dtype);
+                             uintptr_t key_start, uintptr_t key_end, uintptr_t kv_rows, int B, int Lq, int Lk, int Hq,
+                             int Hkv, int D, int R, float scale, int dtype, uintptr_t stream) {
+    AttentionParams p = attention_params(o, q, k, v, strides, key_start, key_end, kv_rows, B, Lq, Lk, Hq, Hkv, D, R,
+                                         scale, dtype);
     py::gil_scoped_release nogil;
     run_attention(p, reinterpret_cast<void*>(stream));
   }, LLADA_ATTENTION_ARGS, py::arg("stream"));

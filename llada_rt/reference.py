@@ -112,12 +112,44 @@ def remask(canvas: torch.Tensor, token: torch.Tensor, prob: torch.Tensor, *, sta
     return count.to(torch.int32)
 
 
+# ---- rms_norm, rope, silu_mul: LLaDA's own torch compositions (fp32 where LLaDA computes in fp32) ------------------
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Reference of ops.rms_norm, LLaDA's RMSLayerNorm: x (..., d), weight (d,) -> normalised in fp32, cast to x's
+    dtype, times weight in x's dtype."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+         full_precision: bool) -> torch.Tensor:
+    """Reference of ops.rope, LLaDA's RotaryEmbedding: x (B, S, H, D), positions (B, S), cos/sin (P, D/2) ->
+    x * cos + rotate_half(x) * sin with table rows positions (frequencies repeated: NeoX layout); in fp32 when
+    full_precision, else op by op in x's dtype."""
+    t = x.float() if full_precision else x
+    c = torch.cat([cos[positions], cos[positions]], dim=-1)[:, :, None, :].to(t.dtype)   # (B, S, 1, D)
+    s = torch.cat([sin[positions], sin[positions]], dim=-1)[:, :, None, :].to(t.dtype)
+    x1, x2 = t.chunk(2, dim=-1)
+    return (t * c + torch.cat([-x2, x1], dim=-1) * s).to(x.dtype)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """Reference of ops.silu_mul, LLaDA's SwiGLU activation: gate_up (..., 2F) -> F.silu(gate) * up (..., F) in
+    gate_up's dtype."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
 # ---- attention -----------------------------------------------------------------------------------------------------
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_start: torch.Tensor | None = None,
-              key_end: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
-    """Bidirectional attention in fp32: q (B, Lq, Hq, D), k/v (B, Lk, Hkv, D), keys [key_start[b], key_end[b]) of row b
-    valid (None: 0 and Lk) -> o (B, Lq, Hq, D) in q's dtype; a row with no valid key outputs zeros."""
+              key_end: torch.Tensor | None = None, scale: float | None = None,
+              kv_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Bidirectional attention in fp32: q (B, Lq, Hq, D), k/v (B, Lk, Hkv, D) (or (R, Lk, Hkv, D), row b reading
+    k/v[kv_rows[b]]), keys [key_start[b], key_end[b]) of row b valid (None: 0 and Lk) -> o (B, Lq, Hq, D) in q's dtype;
+    a row with no valid key outputs zeros."""
+    if kv_rows is not None:
+        k, v = k[kv_rows.long()], v[kv_rows.long()]                                  # (B, Lk, Hkv, D)
     B, Lq, Hq, D = q.shape
     Lk, Hkv = k.shape[1], k.shape[2]
     scale = D ** -0.5 if scale is None else scale
