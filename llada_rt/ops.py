@@ -220,14 +220,39 @@ def _check_out(out, shape, dtype, device, op: str) -> None:
     _check(out.device == device, op, lambda: f"out is on {out.device}, the inputs on {device}")
 
 
+def _define_out_op(name: str, schema_args: str, into, check, out_shape) -> None:
+    """Registers torch.ops.llada_rt.<name>(schema_args) -> Tensor, which allocates out (shape out_shape(*inputs), the
+    first input's dtype and device), and <name>_out(Tensor(a!) out, schema_args) -> (), which writes into a given out;
+    both run into(out, *inputs) on CPU and CUDA. The fake impls run check(*inputs, out=...) and allocate fakes."""
+    _lib.define(f"{name}({schema_args}) -> Tensor")
+    _lib.define(f"{name}_out(Tensor(a!) out, {schema_args}) -> ()")
+
+    def allocate(first, *rest):
+        return torch.empty(out_shape(first, *rest), dtype=first.dtype, device=first.device)
+
+    def impl(*inputs):
+        out = allocate(*inputs)
+        into(out, *inputs)
+        return out
+
+    def fake(*inputs):
+        check(*inputs)
+        return allocate(*inputs)
+
+    def fake_out(out, *inputs):
+        check(*inputs, out=out)
+
+    for device in ("CPU", "CUDA"):
+        _lib.impl(name, impl, device)
+        _lib.impl(f"{name}_out", into, device)
+    torch.library.register_fake(f"llada_rt::{name}", fake)
+    torch.library.register_fake(f"llada_rt::{name}_out", fake_out)
+
+
 # ---- rms_norm -------------------------------------------------------------------------------------------------------
 # CPU: csrc/cpu/rms_norm.cpp. CUDA: the torch composition, deliberately (a CUDA graph replays it without allocating).
 
-_lib.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
-_lib.define("rms_norm_out(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()")
-
-
-def _check_rms_norm(x, weight, out=None) -> None:
+def _check_rms_norm(x, weight, eps, out=None) -> None:
     op = "rms_norm"
     _check_float(x, op, "x")
     _check(x.dim() >= 1 and x.shape[-1] > 0, op, lambda: f"x must be (..., d) with d > 0, got shape {tuple(x.shape)}")
@@ -244,7 +269,7 @@ def _check_rms_norm(x, weight, out=None) -> None:
 
 
 def _rms_norm_into(out, x, weight, eps) -> None:
-    _check_rms_norm(x, weight, out)
+    _check_rms_norm(x, weight, eps, out)
     if x.numel() == 0:
         return
     if x.is_cuda:
@@ -257,27 +282,8 @@ def _rms_norm_into(out, x, weight, eps) -> None:
                     weight.data_ptr(), x.numel() // d, d, float(eps), DTYPE_CODES[x.dtype])
 
 
-def _rms_norm_impl(x, weight, eps):
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)                   # (..., d)
-    _rms_norm_into(out, x, weight, eps)
-    return out
-
-
-_lib.impl("rms_norm", _rms_norm_impl, "CPU")
-_lib.impl("rms_norm", _rms_norm_impl, "CUDA")
-_lib.impl("rms_norm_out", _rms_norm_into, "CPU")
-_lib.impl("rms_norm_out", _rms_norm_into, "CUDA")
-
-
-@torch.library.register_fake("llada_rt::rms_norm")
-def _rms_norm_fake(x, weight, eps):
-    _check_rms_norm(x, weight)
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@torch.library.register_fake("llada_rt::rms_norm_out")
-def _rms_norm_out_fake(out, x, weight, eps):
-    _check_rms_norm(x, weight, out)
+_define_out_op("rms_norm", "Tensor x, Tensor weight, float eps", _rms_norm_into, _check_rms_norm,
+               lambda x, *_: x.shape)                                            # (..., d)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -293,11 +299,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tenso
 # ---- rope -----------------------------------------------------------------------------------------------------------
 # CPU: csrc/cpu/rope.cpp. CUDA: the torch composition, deliberately (as rms_norm).
 
-_lib.define("rope(Tensor x, Tensor positions, Tensor cos, Tensor sin, bool full_precision) -> Tensor")
-_lib.define("rope_out(Tensor(a!) out, Tensor x, Tensor positions, Tensor cos, Tensor sin, bool full_precision) -> ()")
-
-
-def _check_rope(x, positions, cos, sin, out=None) -> None:
+def _check_rope(x, positions, cos, sin, full_precision, out=None) -> None:
     op = "rope"
     _check_float(x, op, "x")
     _check(x.dim() == 4, op, lambda: f"x must be (B, S, H, D), got shape {tuple(x.shape)}")
@@ -324,7 +326,7 @@ def _check_rope(x, positions, cos, sin, out=None) -> None:
 
 
 def _rope_into(out, x, positions, cos, sin, full_precision) -> None:
-    _check_rope(x, positions, cos, sin, out)
+    _check_rope(x, positions, cos, sin, full_precision, out)
     if x.numel() == 0:
         return
     B, S, H, D = x.shape
@@ -345,27 +347,8 @@ def _rope_into(out, x, positions, cos, sin, full_precision) -> None:
                            f"table of P = {cos.shape[0]} rows; build the table for every position the engine uses")
 
 
-def _rope_impl(x, positions, cos, sin, full_precision):
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)                   # (B, S, H, D)
-    _rope_into(out, x, positions, cos, sin, full_precision)
-    return out
-
-
-_lib.impl("rope", _rope_impl, "CPU")
-_lib.impl("rope", _rope_impl, "CUDA")
-_lib.impl("rope_out", _rope_into, "CPU")
-_lib.impl("rope_out", _rope_into, "CUDA")
-
-
-@torch.library.register_fake("llada_rt::rope")
-def _rope_fake(x, positions, cos, sin, full_precision):
-    _check_rope(x, positions, cos, sin)
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@torch.library.register_fake("llada_rt::rope_out")
-def _rope_out_fake(out, x, positions, cos, sin, full_precision):
-    _check_rope(x, positions, cos, sin, out)
+_define_out_op("rope", "Tensor x, Tensor positions, Tensor cos, Tensor sin, bool full_precision", _rope_into,
+               _check_rope, lambda x, *_: x.shape)                               # (B, S, H, D)
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, full_precision: bool,
@@ -383,10 +366,6 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch
 
 # ---- silu_mul -------------------------------------------------------------------------------------------------------
 # CPU: csrc/cpu/silu_mul.cpp. CUDA: the torch composition, deliberately (as rms_norm).
-
-_lib.define("silu_mul(Tensor gate_up) -> Tensor")
-_lib.define("silu_mul_out(Tensor(a!) out, Tensor gate_up) -> ()")
-
 
 def _check_silu_mul(gate_up, out=None) -> None:
     op = "silu_mul"
@@ -414,27 +393,8 @@ def _silu_mul_into(out, gate_up) -> None:
                     _row_stride(gate_up, "silu_mul", "gate_up"), out.numel() // F, F, DTYPE_CODES[gate_up.dtype])
 
 
-def _silu_mul_impl(gate_up):
-    out = torch.empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2), dtype=gate_up.dtype, device=gate_up.device)
-    _silu_mul_into(out, gate_up)                                                  # (..., F)
-    return out
-
-
-_lib.impl("silu_mul", _silu_mul_impl, "CPU")
-_lib.impl("silu_mul", _silu_mul_impl, "CUDA")
-_lib.impl("silu_mul_out", _silu_mul_into, "CPU")
-_lib.impl("silu_mul_out", _silu_mul_into, "CUDA")
-
-
-@torch.library.register_fake("llada_rt::silu_mul")
-def _silu_mul_fake(gate_up):
-    _check_silu_mul(gate_up)
-    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
-
-
-@torch.library.register_fake("llada_rt::silu_mul_out")
-def _silu_mul_out_fake(out, gate_up):
-    _check_silu_mul(gate_up, out)
+_define_out_op("silu_mul", "Tensor gate_up", _silu_mul_into, _check_silu_mul,
+               lambda gate_up: (*gate_up.shape[:-1], gate_up.shape[-1] // 2))    # (..., F)
 
 
 def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -447,11 +407,6 @@ def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
 
 
 # ---- attention -----------------------------------------------------------------------------------------------------
-
-_lib.define("attention(Tensor q, Tensor k, Tensor v, Tensor? key_start, Tensor? key_end, Tensor? kv_rows, "
-            "float scale) -> Tensor")
-_lib.define("attention_out(Tensor(a!) out, Tensor q, Tensor k, Tensor v, Tensor? key_start, Tensor? key_end, "
-            "Tensor? kv_rows, float scale) -> ()")
 
 ATTENTION_HEAD_DIMS = (64, 128)  # head dims the CUDA kernel is compiled for (csrc/attention.cu)
 CPU_ATTENTION_MAX_HEAD_DIM = 256  # kMaxHeadDim in csrc/cpu/attention.cpp
@@ -491,7 +446,7 @@ def attention_backend(device, dtype: torch.dtype, head_dim: int) -> str:
     return _ATTENTION_BACKEND_NAMES[_attention_backend_code(torch.device(device).type, dtype, head_dim)]
 
 
-def _check_attention(q, k, v, key_start, key_end, kv_rows, out=None) -> str:
+def _check_attention(q, k, v, key_start, key_end, kv_rows, scale, out=None) -> str:
     """Checks the inputs; returns the ATTENTION_BACKENDS code that runs them."""
     op = "attention"
     _check(q.dim() == 4, op, lambda: f"q must be (B, Lq, Hq, D), got shape {tuple(q.shape)}")
@@ -580,7 +535,7 @@ def _attention_sdpa(out, q, k, v, key_start, key_end, kv_rows, scale) -> None:
 
 
 def _attention_into(out, q, k, v, key_start, key_end, kv_rows, scale) -> None:
-    code = _check_attention(q, k, v, key_start, key_end, kv_rows, out)
+    code = _check_attention(q, k, v, key_start, key_end, kv_rows, scale, out)
     if out.numel() == 0:
         return
     if code == "sdpa":
@@ -597,27 +552,8 @@ def _attention_into(out, q, k, v, key_start, key_end, kv_rows, scale) -> None:
                            f"{k.shape[0]} rows of k/v")
 
 
-def _attention_impl(q, k, v, key_start, key_end, kv_rows, scale):
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)                    # (B, Lq, Hq, D)
-    _attention_into(out, q, k, v, key_start, key_end, kv_rows, scale)
-    return out
-
-
-_lib.impl("attention", _attention_impl, "CPU")
-_lib.impl("attention", _attention_impl, "CUDA")
-_lib.impl("attention_out", _attention_into, "CPU")
-_lib.impl("attention_out", _attention_into, "CUDA")
-
-
-@torch.library.register_fake("llada_rt::attention")
-def _attention_fake(q, k, v, key_start, key_end, kv_rows, scale):
-    _check_attention(q, k, v, key_start, key_end, kv_rows)
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
-
-
-@torch.library.register_fake("llada_rt::attention_out")
-def _attention_out_fake(out, q, k, v, key_start, key_end, kv_rows, scale):
-    _check_attention(q, k, v, key_start, key_end, kv_rows, out)
+_define_out_op("attention", "Tensor q, Tensor k, Tensor v, Tensor? key_start, Tensor? key_end, Tensor? kv_rows, "
+               "float scale", _attention_into, _check_attention, lambda q, *_: q.shape)   # (B, Lq, Hq, D)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_start: torch.Tensor | None = None,

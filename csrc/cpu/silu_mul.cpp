@@ -1,5 +1,5 @@
 // CPU silu_mul: out = silu(gate) * up over rows [gate | up], with torch's two roundings in the dtype (silu rounded,
-// then the product). Built with -ffp-contract=off (CMakeLists.txt) so that no step is fused with the next.
+// then the product). Only exp's polynomial has multiply-adds to fuse; torch's exp (Sleef) differs by an ulp anyway.
 #include <algorithm>
 
 #include "cpu/vec.h"
