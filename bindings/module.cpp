@@ -63,19 +63,18 @@ PYBIND11_MODULE(_C, m) {
     return attention_cpu(p);
   }, LLADA_ATTENTION_ARGS, "-1, or the first b whose kv_rows[b] is outside [0, R) (nothing written)");
 
+  m.attr("cpu_isas") = std::vector<std::string>(std::begin(cpu::kIsaNames), std::end(cpu::kIsaNames));
   m.def("set_cpu_isa", [](const std::string& name) {
-    static const char* names[] = {"avx512", "avx2", "baseline"};  // in cpu::Isa order, widest first
     int i = 0;
-    while (i < 3 && name != names[i]) ++i;
-    if (i == 3) throw std::invalid_argument("llada_rt: unknown instruction set '" + name + "'; use avx512, avx2 or baseline");
+    while (i < 3 && name != cpu::kIsaNames[i]) ++i;
+    if (i == 3)
+      throw std::invalid_argument("llada_rt: unknown instruction set '" + name + "'; use avx512, avx2 or baseline");
     const cpu::Isa previous = cpu::isa_limit().exchange(static_cast<cpu::Isa>(i));
-    return std::string(names[static_cast<int>(previous)]);
-  }, py::arg("name"), "limits the instruction set of the rms_norm, rope, silu_mul and attention CPU kernels; returns the "
-     "previous limit");
-  m.def("cpu_isa", [] {
-    static const char* names[] = {"avx512", "avx2", "baseline"};
-    return std::string(names[static_cast<int>(cpu::active_isa())]);
-  }, "the instruction set the rms_norm, rope, silu_mul and attention CPU kernels run with now");
+    return std::string(cpu::kIsaNames[static_cast<int>(previous)]);
+  }, py::arg("name"),
+     "limits the instruction set of the rms_norm, rope, silu_mul and attention CPU kernels; returns the previous one");
+  m.def("cpu_isa", [] { return std::string(cpu::kIsaNames[static_cast<int>(cpu::active_isa())]); },
+        "the instruction set the rms_norm, rope, silu_mul and attention CPU kernels run with now");
 
 #if defined(LLADA_WITH_CUDA)
   m.def("confidence_cuda", [](uintptr_t token, uintptr_t prob, uintptr_t logits, int64_t b_stride, int64_t n_stride,

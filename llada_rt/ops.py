@@ -179,7 +179,7 @@ def remask(canvas: torch.Tensor, token: torch.Tensor, prob: torch.Tensor, *, sta
 
 # ---- the CPU kernels' instruction set (csrc/cpu/vec.h) ------------------------------------------------------------
 
-CPU_ISAS = ("avx512", "avx2", "baseline")  # widest first
+CPU_ISAS = tuple(_C.cpu_isas)  # widest first: ("avx512", "avx2", "baseline")
 
 
 def set_cpu_isa(name: str) -> str:

@@ -227,7 +227,8 @@ def test_dispatch_table():
     assert "scaled_dot_product_attention" in ops.attention_backend("cuda", torch.float32, 96)
     with pytest.raises(ops.OpInputError, match=r"CUDA kernel supports head dim D in \(64, 128\), got 96"):
         ops.attention_backend("cuda", torch.bfloat16, 96)
-    with pytest.raises(ops.OpInputError, match="no attention for float64 on cuda; supported: cpu float32, cpu bfloat16"):
+    with pytest.raises(ops.OpInputError,
+                       match="no attention for float64 on cuda; supported: cpu float32, cpu bfloat16"):
         ops.attention_backend("cuda", torch.float64, 128)
 
 

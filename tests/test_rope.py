@@ -50,8 +50,8 @@ def test_matches_reference_bit_for_bit(dtype, full_precision, isa):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("full_precision", [True, False], ids=["fp32-math", "dtype-math"])
 def test_in_place_matches_model_apply_rope(dtype, full_precision):
-    """out = x (the engine rotates q and k where the projection wrote them) equals model.apply_rope with the (B, S, 1, D)
-    tables model.rope_tables builds; positions as a left-padded batch has them."""
+    """out = x (the engine rotates q and k where the projection wrote them) equals model.apply_rope with the
+    (B, S, 1, D) tables model.rope_tables builds; positions as a left-padded batch has them."""
     B, S, H, D, P = 3, 40, 4, 128, 64
     cos, sin = _table(P, D)
     positions = (torch.arange(S)[None, :] - torch.tensor([0, 5, 17])[:, None]).clamp(min=0)   # (B, S)

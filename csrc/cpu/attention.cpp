@@ -47,29 +47,9 @@ LLADA_INLINE void reduce_level(typename Vec<W>::F* v) {
     lo[lane] = 2 * (lane / S) * S + lane % S;  // even blocks of S lanes of the pair, concatenated
     hi[lane] = lo[lane] + S;                   // odd blocks
   }
-  for (int i = 0; i < S; ++i) v[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], lo) + __builtin_shuffle(v[2 * i], v[2 * i + 1], hi);
+  for (int i = 0; i < S; ++i)
+    v[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], lo) + __builtin_shuffle(v[2 * i], v[2 * i + 1], hi);
   if constexpr (S > 1) reduce_level<W, S / 2>(v);
-}
-
-// exp2(x) for x <= 0 (scores minus their running max): 2^n by the exponent bits times a degree-5 polynomial for
-// 2^f, |f| <= 1/2 (relative error < 2.4e-7); x below -126 (and -inf) gives 2^-126 ~ 1e-38, not 0: callers zero
-// masked keys themselves.
-template <int W>
-LLADA_INLINE typename Vec<W>::F exp2_nonpos(const typename Vec<W>::F& x_in) {
-  using V = Vec<W>;
-  using F = typename V::F;
-  const F x = V::max(x_in, V::splat(-126.0f));
-  const F shifter = V::splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer kept in the low mantissa bits
-  const F u = x + shifter;
-  const F f = x - (u - shifter);
-  F p = V::splat(1.3276439858600497e-3f);
-  p = p * f + 9.675540961325169e-3f;
-  p = p * f + 5.550713464617729e-2f;
-  p = p * f + 2.4022120237350464e-1f;
-  p = p * f + 6.931469440460205e-1f;
-  p = p * f + 1.0000001192092896f;
-  const typename V::I pow2n = (V::template bits<typename V::I>(u) << 23) + (127 << 23);
-  return p * V::template bits<F>(pow2n);
 }
 
 template <int W, class E>
@@ -145,23 +125,24 @@ struct AttnTask {
       row_max[r] = kNegInf;
       row_sum[r] = 0.f;
     }
+    typename V::I lane;  // 0, 1, ..., W - 1
+    for (int l = 0; l < W; ++l) lane[l] = l;
     for (int j0 = ks; j0 < ke; j0 += Tl::kBlockN) {
       const int nb = std::min(Tl::kBlockN, ke - j0);
       for (int r0 = 0; r0 < rows_padded; r0 += kRows) {
         for (int jt = 0; jt < nb; jt += Tl::kKeys) scores(q[r0], j0, jt, ke - 1, s);
         for (int r = 0; r < kRows; ++r) {
           // online softmax over the block: new max, rescale what is accumulated, probabilities (0 past nb)
-          float block_max = kNegInf;
-          for (int j = 0; j < nb; ++j) block_max = std::max(block_max, s[r][j]);
-          const float new_max = std::max(row_max[r0 + r], block_max);
+          F block_max = V::splat(kNegInf);
+          for (int j = 0; j < Tl::kBlockN; j += W)
+            block_max = V::max(block_max, lane + j < nb ? V::load(&s[r][j]) : V::splat(kNegInf));
+          const float new_max = std::max(row_max[r0 + r], V::hmax(block_max));
           const float alpha = std::exp2(row_max[r0 + r] - new_max);  // 0 on the first block (max was -inf)
           row_max[r0 + r] = new_max;
           F sum = F{};
           for (int j = 0; j < Tl::kBlockN; j += W) {
-            typename V::I lane;
-            for (int l = 0; l < W; ++l) lane[l] = j + l;
-            const F e = exp2_nonpos<W>(V::load(&s[r][j]) - new_max);
-            const F pr = lane < nb ? e : F{};
+            const F e = V::exp2_nonpos(V::load(&s[r][j]) - new_max);  // masked keys get 2^-126: zeroed next
+            const F pr = lane + j < nb ? e : F{};
             V::store(&s[r][j], pr);
             sum += pr;
           }
@@ -221,7 +202,9 @@ struct TaskIsa {
   LLADA_TARGET_AVX2 static void avx2(const AttentionParams& p, int b, int h, int i0, int i1) {
     attention_task<8, E>(p, b, h, i0, i1);
   }
-  static void baseline(const AttentionParams& p, int b, int h, int i0, int i1) { attention_task<4, E>(p, b, h, i0, i1); }
+  static void baseline(const AttentionParams& p, int b, int h, int i0, int i1) {
+    attention_task<4, E>(p, b, h, i0, i1);
+  }
 };
 
 }  // namespace

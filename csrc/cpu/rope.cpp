@@ -28,7 +28,8 @@ LLADA_INLINE void rotate(bool in_fp32, const typename Vec<W>::F& x1, const typen
 }
 
 template <int W, class E>
-LLADA_INLINE void rope_row(const RopeParams& p, const typename E::T* x, typename E::T* o, const float* c, const float* s) {
+LLADA_INLINE void rope_row(const RopeParams& p, const typename E::T* x, typename E::T* o, const float* c,
+                           const float* s) {
   using V = Vec<W>;
   using F = typename V::F;
   const int half = p.D / 2;

@@ -60,7 +60,8 @@ LLADA_INLINE void silu_mul_task(const SiluMulParams& p, int64_t m, int c0) {
     V::template store<E>(o + i, silu_mul_vec<W, E>(V::template load<E>(g + i), V::template load<E>(u + i)));
   if (i < c1) {
     const int n = c1 - i;
-    V::template store_n<E>(o + i, silu_mul_vec<W, E>(V::template load_n<E>(g + i, n), V::template load_n<E>(u + i, n)), n);
+    const typename V::F res = silu_mul_vec<W, E>(V::template load_n<E>(g + i, n), V::template load_n<E>(u + i, n));
+    V::template store_n<E>(o + i, res, n);
   }
 }
 

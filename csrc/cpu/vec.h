@@ -55,7 +55,11 @@ struct Vec {
   static LLADA_INLINE F min(const F& a, const F& b) { return a < b ? a : b; }
   static LLADA_INLINE F max(const F& a, const F& b) { return a > b ? a : b; }
   static LLADA_INLINE float hsum(const F& v) { float r = 0.f; for (int l = 0; l < W; ++l) r += v[l]; return r; }
-  static LLADA_INLINE float hmax(const F& v) { float r = v[0]; for (int l = 1; l < W; ++l) r = v[l] > r ? v[l] : r; return r; }
+  static LLADA_INLINE float hmax(const F& v) {
+    float r = v[0];
+    for (int l = 1; l < W; ++l) r = v[l] > r ? v[l] : r;
+    return r;
+  }
 
   // fp16 bits -> fp32: shifting exponent and mantissa into place and multiplying by 2^112 rebiases the exponent
   // exactly (subnormal halves become normal floats); inf and NaN keep an all-ones exponent.
@@ -82,6 +86,24 @@ struct Vec {
     const U norm = (u + 0xc8000fffu + ((u >> 13) & 1u)) >> 13;  // rebias by -112 << 23, round half to even
     const U out = u >= 0x47800000u ? inf_nan : (u < 0x38800000u ? sub : norm);
     return out | (sign >> 16);
+  }
+
+  // 2^x for x <= 0 (softmax terms: scores minus their max): x = n + f with n = round(x), |f| <= 1/2; 2^f by a
+  // degree-5 polynomial (relative error < 2.4e-7), 2^n through the exponent bits. x is clamped at -126, so -inf and
+  // anything below give 2^-126 ~ 1.2e-38, never 0 or NaN: callers zero masked terms themselves.
+  // (csrc/cpu/confidence.cpp still keeps its own copy of this polynomial, for e^x.)
+  static LLADA_INLINE F exp2_nonpos(const F& x_in) {
+    const F x = max(x_in, splat(-126.0f));
+    const F shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer kept in the low mantissa bits
+    const F u = x + shifter;
+    const F f = x - (u - shifter);
+    F p = splat(1.3276439858600497e-3f);
+    p = p * f + 9.675540961325169e-3f;
+    p = p * f + 5.550713464617729e-2f;
+    p = p * f + 2.4022120237350464e-1f;
+    p = p * f + 6.931469440460205e-1f;
+    p = p * f + 1.0000001192092896f;
+    return p * bits<F>((bits<I>(u) << 23) + (127 << 23));  // u's low mantissa bits hold n
   }
 
   template <class E = F32>
@@ -134,7 +156,8 @@ LLADA_INLINE float load_scalar(const typename E::T* p) { return Vec<4>::load_n<E
 template <class E>
 LLADA_INLINE void store_scalar(typename E::T* p, float x) { Vec<4>::store_n<E>(p, Vec<4>::splat(x), 1); }
 
-enum class Isa { kAvx512, kAvx2, kBaseline };
+enum class Isa { kAvx512, kAvx2, kBaseline };                      // widest first
+constexpr const char* kIsaNames[] = {"avx512", "avx2", "baseline"};  // by Isa
 
 // The widest instruction set this CPU runs (AVX-512 F/BW/DQ/VL, else AVX2 + FMA + F16C, else baseline), once.
 inline Isa host_isa() {

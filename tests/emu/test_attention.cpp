@@ -74,7 +74,8 @@ double run_case(const Case& c, uint32_t seed) {
         for (double& x : w) { x = std::exp(x - m); l += x; }
         for (int d = 0; d < D; ++d) {
           double acc = 0;
-          for (int j = ks; j < ke; ++j) acc += w[j - ks] * to_f(v[kb * kv_b + (size_t)j * kv_row + (size_t)hk * p.v_h_stride + d]);
+          for (int j = ks; j < ke; ++j)
+            acc += w[j - ks] * to_f(v[kb * kv_b + (size_t)j * kv_row + (size_t)hk * p.v_h_stride + d]);
           const double ref = ke > ks ? acc / l : 0.0;
           const double got = to_f(o[(size_t)b * p.o_b_stride + (size_t)i * p.o_l_stride + (size_t)h * D + d]);
           const double e = std::abs(got - ref);
