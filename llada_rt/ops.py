@@ -16,9 +16,10 @@ class OpInputError(ValueError):
     """An op was called with a tensor of the wrong shape, dtype, device or layout."""
 
 
-def _check(cond: bool, op: str, msg: str) -> None:
+def _check(cond: bool, op: str, msg) -> None:
+    """msg: a string, or a function returning one (formatted only on failure: the checks run on every call)."""
     if not cond:
-        raise OpInputError(f"llada_rt.ops.{op}: {msg}")
+        raise OpInputError(f"llada_rt.ops.{op}: {msg() if callable(msg) else msg}")
 
 
 def _stream(t: torch.Tensor) -> int:
@@ -71,55 +72,57 @@ def _check_rows(op: str, B: int, device: torch.device, rows: dict, dtypes: dict)
     """Per-row inputs: tensors (B,) of their dtype on the device of the op."""
     for name, dtype in dtypes.items():
         t = rows[name]
-        _check(isinstance(t, torch.Tensor), op, f"{name} must be a tensor ({B},) of {dtype}, got {type(t).__name__}")
+        _check(isinstance(t, torch.Tensor), op,
+               lambda: f"{name} must be a tensor ({B},) of {dtype}, got {type(t).__name__}")
         _check(t.dtype == dtype and tuple(t.shape) == (B,), op,
-               f"{name} must be {dtype} ({B},), got {t.dtype} {tuple(t.shape)}")
-        _check(t.device == device, op, f"{name} is on {t.device} but the op runs on {device}")
+               lambda: f"{name} must be {dtype} ({B},), got {t.dtype} {tuple(t.shape)}")
+        _check(t.device == device, op, lambda: f"{name} is on {t.device} but the op runs on {device}")
 
 
 def _require_tensors(op: str, **named) -> None:
     """Before the dispatcher sees them (it would only say 'Unable to cast')."""
     for name, t in named.items():
-        _check(isinstance(t, torch.Tensor), op, f"{name} must be a tensor, got {type(t).__name__}")
+        _check(isinstance(t, torch.Tensor), op, lambda: f"{name} must be a tensor, got {type(t).__name__}")
 
 
 def _check_outputs(op: str, shape: tuple, device: torch.device, outputs) -> None:
     """Output tensors (name, tensor, dtype): that dtype and shape, contiguous, on the device of the op."""
     for name, t, dtype in outputs:
-        _check(isinstance(t, torch.Tensor), op, f"out {name} must be a tensor {shape} of {dtype}")
+        _check(isinstance(t, torch.Tensor), op, lambda: f"out {name} must be a tensor {shape} of {dtype}")
         _check(t.dtype == dtype and tuple(t.shape) == shape, op,
-               f"out {name} must be {dtype} {shape}, got {t.dtype} {tuple(t.shape)}")
-        _check(t.device == device, op, f"out {name} is on {t.device} but the op runs on {device}")
-        _check(t.is_contiguous(), op, f"out {name} must be contiguous (it is written as a flat array)")
+               lambda: f"out {name} must be {dtype} {shape}, got {t.dtype} {tuple(t.shape)}")
+        _check(t.device == device, op, lambda: f"out {name} is on {t.device} but the op runs on {device}")
+        _check(t.is_contiguous(), op, lambda: f"out {name} must be contiguous (it is written as a flat array)")
 
 
 def _check_confidence(op, logits, masked, rows, special_ids, vocab_offset, full_vocab) -> None:
     """full_vocab None: the full op, whose vocabulary ends with the slice."""
-    _check(logits.dtype in DTYPE_CODES, op, f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
-    _check(logits.dim() == 3, op, f"logits must be (B, N, V), got shape {tuple(logits.shape)}")
+    _check(logits.dtype in DTYPE_CODES, op, lambda: f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    _check(logits.dim() == 3, op, lambda: f"logits must be (B, N, V), got shape {tuple(logits.shape)}")
     B, N, V = logits.shape
     _check(V > 0, op, "logits must have V > 0")
-    _check(B * N < 2**31, op, f"logits shape {tuple(logits.shape)} is too large")
-    _check(logits.stride(-1) == 1, op, f"logits must have unit stride over V, got strides {logits.stride()}")
-    _check(masked.dtype == torch.bool, op, f"masked must be bool, got {masked.dtype}")
-    _check(tuple(masked.shape) == (B, N), op, f"masked must be (B, N) = {(B, N)}, got {tuple(masked.shape)}")
-    _check(masked.device == logits.device, op, f"masked is on {masked.device} but logits are on {logits.device}")
+    _check(B * N < 2**31, op, lambda: f"logits shape {tuple(logits.shape)} is too large")
+    _check(logits.stride(-1) == 1, op, lambda: f"logits must have unit stride over V, got strides {logits.stride()}")
+    _check(masked.dtype == torch.bool, op, lambda: f"masked must be bool, got {masked.dtype}")
+    _check(tuple(masked.shape) == (B, N), op, lambda: f"masked must be (B, N) = {(B, N)}, got {tuple(masked.shape)}")
+    _check(masked.device == logits.device, op,
+           lambda: f"masked is on {masked.device} but logits are on {logits.device}")
     _check_rows(op, B, logits.device, rows, _CONFIDENCE_ROWS)
     full_vocab = vocab_offset + V if full_vocab is None else full_vocab
     _check(0 <= vocab_offset and vocab_offset + V <= full_vocab < 2**31, op,
-           f"the vocabulary slice [vocab_offset, vocab_offset + V) = [{vocab_offset}, {vocab_offset + V}) must lie "
-           f"in [0, full_vocab) = [0, {full_vocab}), full_vocab < 2**31")
+           lambda: f"the vocabulary slice [vocab_offset, vocab_offset + V) = [{vocab_offset}, {vocab_offset + V}) "
+           f"must lie in [0, full_vocab) = [0, {full_vocab}), full_vocab < 2**31")
     _check(len(special_ids) <= MAX_SPECIAL_IDS, op,
-           f"at most {MAX_SPECIAL_IDS} special_ids are supported, got {len(special_ids)}")
+           lambda: f"at most {MAX_SPECIAL_IDS} special_ids are supported, got {len(special_ids)}")
     bad = [i for i in special_ids if not 0 <= i < full_vocab]
-    _check(not bad, op, f"special_ids {bad} are outside the vocabulary [0, {full_vocab})")
+    _check(not bad, op, lambda: f"special_ids {bad} are outside the vocabulary [0, {full_vocab})")
     if op == "confidence":  # every row needs an id of the slice that no mask can suppress
         inside = {i for i in special_ids if vocab_offset <= i < vocab_offset + V}
-        _check(len(inside) < V, op, f"special_ids {sorted(inside)} cover the whole vocabulary of V = {V}: a row that "
-               "suppresses them all would have no token")
+        _check(len(inside) < V, op, lambda: f"special_ids {sorted(inside)} cover the whole vocabulary of V = {V}: a "
+               "row that suppresses them all would have no token")
     else:  # the merged vocabulary needs one; a shard may have none (its token is then full_vocab)
         _check(len(set(special_ids)) < full_vocab, op,
-               f"special_ids {sorted(set(special_ids))} cover the whole vocabulary of {full_vocab} ids")
+               lambda: f"special_ids {sorted(set(special_ids))} cover the whole vocabulary of {full_vocab} ids")
 
 
 def _confidence_kwargs(outputs: dict, logits, masked, rows: dict, special_ids, vocab_offset, full_vocab) -> dict:
@@ -302,10 +305,10 @@ def confidence_merge(*states: ConfidenceState):
     st = states[0] if len(states) == 1 and states[0].key.dim() == 3 else ConfidenceState(
         *(torch.stack(field) for field in zip(*states)))                                 # fields (R, B, N)
     shape = tuple(st.key.shape)
-    _check(len(shape) == 3, "confidence_merge", f"state fields must be (R, B, N), got {shape}")
+    _check(len(shape) == 3, "confidence_merge", lambda: f"state fields must be (R, B, N), got {shape}")
     for name, t, dtype in zip(st._fields, st, _STATE_DTYPES):
         _check(t.dtype == dtype and tuple(t.shape) == shape, "confidence_merge",
-               f"{name} must be {dtype} {shape}, got {t.dtype} {tuple(t.shape)}")
+               lambda: f"{name} must be {dtype} {shape}, got {t.dtype} {tuple(t.shape)}")
     ref = st.ref.amax(0)                                                                 # (B, N)
     scale = _pow2(st.ref - ref)                                                          # (R, B, N), exact
     denom = (st.denom * scale).sum(0)                                                    # (B, N)
@@ -336,17 +339,18 @@ _REMASK_ROWS = {"k": torch.int64, "rule": torch.int32, "threshold": torch.float6
 
 def _check_remask(block, token, prob, k, rule, threshold, factor) -> None:
     op = "remask"
-    _check(block.dtype == torch.int64, op, f"block must be int64, got {block.dtype}")
-    _check(block.dim() == 2, op, f"block must be (B, N), got shape {tuple(block.shape)}")
-    _check(block.is_contiguous(), op, f"block must be contiguous (it is written in place), got strides "
+    _check(block.dtype == torch.int64, op, lambda: f"block must be int64, got {block.dtype}")
+    _check(block.dim() == 2, op, lambda: f"block must be (B, N), got shape {tuple(block.shape)}")
+    _check(block.is_contiguous(), op, lambda: f"block must be contiguous (it is written in place), got strides "
            f"{block.stride()}; gather it into a contiguous (B, N) buffer")
     B, N = block.shape
-    _check(N <= REMASK_MAX_N, op, f"the block length N must be <= {REMASK_MAX_N}, got {N}")
-    _check(token.dtype == torch.int64, op, f"token must be int64, got {token.dtype}")
-    _check(prob.dtype == torch.float64, op, f"prob must be float64 (as confidence returns it), got {prob.dtype}")
+    _check(N <= REMASK_MAX_N, op, lambda: f"the block length N must be <= {REMASK_MAX_N}, got {N}")
+    _check(token.dtype == torch.int64, op, lambda: f"token must be int64, got {token.dtype}")
+    _check(prob.dtype == torch.float64, op,
+           lambda: f"prob must be float64 (as confidence returns it), got {prob.dtype}")
     for name, t in (("token", token), ("prob", prob)):
-        _check(tuple(t.shape) == (B, N), op, f"{name} must be (B, N) = {(B, N)}, got {tuple(t.shape)}")
-        _check(t.device == block.device, op, f"{name} is on {t.device} but block is on {block.device}")
+        _check(tuple(t.shape) == (B, N), op, lambda: f"{name} must be (B, N) = {(B, N)}, got {tuple(t.shape)}")
+        _check(t.device == block.device, op, lambda: f"{name} is on {t.device} but block is on {block.device}")
     _check_rows(op, B, block.device, dict(k=k, rule=rule, threshold=threshold, factor=factor), _REMASK_ROWS)
 
 
