@@ -311,17 +311,8 @@ __global__ void __launch_bounds__(kThreads) confidence_kernel(const ConfidencePa
 
   const int row = blockIdx.x;
   const int tid = threadIdx.x;
-  const bool partial = p.prob_ptr == nullptr;
   if (!p.masked_ptr[row]) {  // uniform over the block: taken before any barrier
-    if (tid == 0) {
-      p.token_ptr[row] = -1;
-      if (partial) {
-        p.key_ptr[row] = kNegInf; p.num_ptr[row] = 0.0; p.ref_ptr[row] = kRefNone; p.denom_ptr[row] = 0.0;
-        p.random_prob_ptr[row] = -1.0;
-      } else {
-        p.prob_ptr[row] = kNegInf;
-      }
-    }
+    if (tid == 0) write_unmasked_row(p, row);
     return;
   }
   const int b = row / p.N, n = row % p.N;
@@ -391,13 +382,7 @@ __global__ void __launch_bounds__(kThreads) confidence_kernel(const ConfidencePa
   // Random remasking: the confidence is one Philox draw per position whatever the token (the official code's rand()).
   const double random_prob =
       random ? static_cast<double>(philox_uniform(rs.seed, rs.offset, rs.position, kRandomConfidenceColumn)) : -1.0;
-  p.token_ptr[row] = token;
-  if (partial) {
-    p.key_ptr[row] = key; p.num_ptr[row] = num; p.ref_ptr[row] = st.ref; p.denom_ptr[row] = st.sum;
-    p.random_prob_ptr[row] = random_prob;
-  } else {
-    p.prob_ptr[row] = random ? random_prob : (num > 0.0 ? num / st.sum : 0.0);
-  }
+  write_row(p, row, token, key, num, st.ref, st.sum, random_prob);
 }
 
 // Picks the instantiation for p (dtype, block size) and calls launch(kernel, threads); shared by run_confidence and

@@ -2,6 +2,8 @@
 // probability, or (partial) the small state that merges vocabulary shards exactly. Every setting is per batch row and
 // read by the kernel from memory, so one launch serves rows of different requests and can be captured in a graph.
 #pragma once
+#include <cmath>
+
 #include "common.h"
 
 namespace llada {
@@ -53,6 +55,25 @@ struct ConfidenceParams {
   int n_special;
   int64_t special_ids[kMaxSpecialIds];  // global ids; those outside [vocab_offset, vocab_offset + V) are ignored
 };
+
+// The outputs of row i, shared by the CPU op and the kernel: the full op's prob = num / denom (random_prob for
+// random-confidence rows, 0 without a softmax term, -inf for unmasked rows, token -1), or the partial op's state.
+LLADA_HD void write_row(const ConfidenceParams& p, int64_t i, int64_t token, double key, double num, int32_t ref,
+                        double denom, double random_prob) {
+  p.token_ptr[i] = token;
+  if (p.prob_ptr != nullptr) {
+    p.prob_ptr[i] = token < 0 ? -INFINITY : random_prob >= 0.0 ? random_prob : num > 0.0 ? num / denom : 0.0;
+    return;
+  }
+  p.key_ptr[i] = key;
+  p.num_ptr[i] = num;
+  p.ref_ptr[i] = ref;
+  p.denom_ptr[i] = denom;
+  p.random_prob_ptr[i] = random_prob;
+}
+LLADA_HD void write_unmasked_row(const ConfidenceParams& p, int64_t i) {
+  write_row(p, i, -1, -INFINITY, 0.0, kRefNone, 0.0, -1.0);
+}
 
 void confidence_cpu(const ConfidenceParams& p);
 #if defined(LLADA_WITH_CUDA)

@@ -496,20 +496,13 @@ void confidence_cpu(const ConfidenceParams& p) {
       throw std::invalid_argument("llada_rt confidence: temperature[" + std::to_string(b) + "] = " +
                                   std::to_string(t) + "; temperatures must be >= 0 (0 = greedy argmax)");
   }
-  const bool partial = p.prob_ptr == nullptr;
   const int64_t rows = static_cast<int64_t>(p.B) * p.N;
   const size_t elt = p.dtype == DType::kFloat32 ? 4 : 2;
 #pragma omp parallel for schedule(dynamic, 1) if (rows > 1 && static_cast<int64_t>(p.V) * rows >= 65536)
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t b = i / p.N, n = i % p.N;
     if (!p.masked_ptr[i]) {
-      p.token_ptr[i] = -1;
-      if (partial) {
-        p.key_ptr[i] = kNegInf; p.num_ptr[i] = 0.0; p.ref_ptr[i] = kRefNone; p.denom_ptr[i] = 0.0;
-        p.random_prob_ptr[i] = -1.0;
-      } else {
-        p.prob_ptr[i] = kNegInf;
-      }
+      write_unmasked_row(p, i);
       continue;
     }
     const Row r = row_settings(p, b, n);
@@ -519,13 +512,7 @@ void confidence_cpu(const ConfidenceParams& p) {
     // Random remasking: the confidence is one Philox draw per position whatever the token (the official rand()).
     const double random_prob =
         r.random ? static_cast<double>(philox_uniform(r.seed, r.offset, r.position, kRandomConfidenceColumn)) : -1.0;
-    p.token_ptr[i] = res.token;
-    if (partial) {
-      p.key_ptr[i] = res.key; p.num_ptr[i] = res.num; p.ref_ptr[i] = res.ref; p.denom_ptr[i] = res.denom;
-      p.random_prob_ptr[i] = random_prob;
-    } else {
-      p.prob_ptr[i] = r.random ? random_prob : (res.num > 0.0 ? res.num / res.denom : 0.0);
-    }
+    write_row(p, i, res.token, res.key, res.num, res.ref, res.denom, random_prob);
   }
 }
 
