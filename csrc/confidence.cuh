@@ -208,15 +208,6 @@ LLADA_DEVICE int special_kind(const int* ids, const int* kinds, int n, int v) {
   return kind;
 }
 
-// The settings of one batch row, read from the per-row arrays.
-struct RowSettings {
-  float temperature;
-  uint64_t seed, offset;
-  uint32_t position;  // position[b] + n, the Philox counter word 1
-  uint32_t col0;      // Philox column of local id 0 (vocab_offset)
-  bool want_prob;     // false for random_confidence rows: no softmax needed
-};
-
 // One thread's share of the pass over a row. kNoisy: temperature > 0.
 template <class T, int kThreads, bool kNoisy>
 LLADA_DEVICE void row_pass(const T* logits, int V, const RowSettings& rs, const int* s_ids, const int* s_kinds,
@@ -231,7 +222,7 @@ LLADA_DEVICE void row_pass(const T* logits, int V, const RowSettings& rs, const 
     float key = x;
     if constexpr (kNoisy) key = x + rs.temperature * gumbel(rs.seed, rs.offset, rs.position, rs.col0 + v);
     take_key(st, key, x, v);
-    if (rs.want_prob && !(kind & kZeroConf)) add_softmax(st, x);
+    if (!rs.random && !(kind & kZeroConf)) add_softmax(st, x);
   };
 
   // Head: elements before the first 16-byte boundary. Body: whole 16-byte vectors, thread t takes vectors t, t +
@@ -273,7 +264,7 @@ LLADA_DEVICE void row_pass(const T* logits, int V, const RowSettings& rs, const 
       for (int e = kVec - 1; e >= 0; --e) e_best = x[e] == chunk_max ? e : e_best;  // first index of the max
       st.best_key = chunk_max; st.best_logit = chunk_max; st.best_id = v0 + e_best;
     }
-    if (rs.want_prob && chunk_max > kNegInf) {
+    if (!rs.random && chunk_max > kNegInf) {
       raise_ref(st, chunk_max);
       double s = 0.0;  // per element in float64: a float partial sum would round its terms against the largest
 #pragma unroll
@@ -339,14 +330,7 @@ __global__ void __launch_bounds__(kThreads) confidence_kernel(const ConfidencePa
   const int n_special = s_n_special;
 
   const T* logits = static_cast<const T*>(p.logits_ptr) + b * p.logits_b_stride + n * p.logits_n_stride;
-  RowSettings rs;
-  rs.temperature = p.temperature_ptr[b];
-  rs.seed = static_cast<uint64_t>(p.seed_ptr[b]);
-  rs.offset = static_cast<uint64_t>(p.offset_ptr[b]);
-  rs.position = static_cast<uint32_t>(p.position_ptr[b] + n);
-  rs.col0 = static_cast<uint32_t>(p.vocab_offset);
-  const bool random = p.random_confidence_ptr[b];
-  rs.want_prob = !random;
+  const RowSettings rs = row_settings(p, b, n);
   State st = empty_state();
   if (rs.temperature > 0.0f) row_pass<T, kThreads, true>(logits, V, rs, s_ids, s_kinds, n_special, st);
   else row_pass<T, kThreads, false>(logits, V, rs, s_ids, s_kinds, n_special, st);
@@ -377,12 +361,9 @@ __global__ void __launch_bounds__(kThreads) confidence_kernel(const ConfidencePa
     token = p.vocab_offset + st.best_id;
     key = st.best_key;
     const bool zero = special_kind(s_ids, s_kinds, n_special, st.best_id) & kZeroConf;
-    if (rs.want_prob && !zero) num = static_cast<double>(softmax_term(st.best_logit, st.ref, st.lo));
+    if (!rs.random && !zero) num = static_cast<double>(softmax_term(st.best_logit, st.ref, st.lo));
   }
-  // Random remasking: the confidence is one Philox draw per position whatever the token (the official code's rand()).
-  const double random_prob =
-      random ? static_cast<double>(philox_uniform(rs.seed, rs.offset, rs.position, kRandomConfidenceColumn)) : -1.0;
-  write_row(p, row, token, key, num, st.ref, st.sum, random_prob);
+  write_row(p, row, token, key, num, st.ref, st.sum, random_prob(rs));
 }
 
 // Picks the instantiation for p (dtype, block size) and calls launch(kernel, threads); shared by run_confidence and

@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "common.h"
+#include "philox.h"
 
 namespace llada {
 
@@ -55,6 +56,31 @@ struct ConfidenceParams {
   int n_special;
   int64_t special_ids[kMaxSpecialIds];  // global ids; those outside [vocab_offset, vocab_offset + V) are ignored
 };
+
+// The settings of row (b, n), read from the per-row arrays (shared by the CPU op and the kernel).
+struct RowSettings {
+  float temperature;
+  uint64_t seed, offset;
+  uint32_t position;  // position[b] + n: the Philox counter word 1
+  uint32_t col0;      // Philox column of local id 0 (vocab_offset)
+  bool random;        // random_confidence[b]: no softmax needed
+};
+LLADA_HD RowSettings row_settings(const ConfidenceParams& p, int64_t b, int64_t n) {
+  RowSettings rs;
+  rs.temperature = p.temperature_ptr[b];
+  rs.seed = static_cast<uint64_t>(p.seed_ptr[b]);
+  rs.offset = static_cast<uint64_t>(p.offset_ptr[b]);
+  rs.position = static_cast<uint32_t>(p.position_ptr[b] + n);
+  rs.col0 = static_cast<uint32_t>(p.vocab_offset);
+  rs.random = p.random_confidence_ptr[b];
+  return rs;
+}
+// Random remasking: the confidence is one Philox draw per position whatever the token (the official code's rand());
+// -1 for the other rows.
+LLADA_HD double random_prob(const RowSettings& rs) {
+  if (!rs.random) return -1.0;
+  return static_cast<double>(philox_uniform(rs.seed, rs.offset, rs.position, kRandomConfidenceColumn));
+}
 
 // The outputs of row i, shared by the CPU op and the kernel: the full op's prob = num / denom (random_prob for
 // random-confidence rows, 0 without a softmax term, -inf for unmasked rows, token -1), or the partial op's state.

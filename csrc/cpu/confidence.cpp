@@ -342,25 +342,15 @@ inline bool contains(const int64_t* ids, int n, int64_t v) {
   return false;
 }
 
-// The settings of one (b, n) row, read from the per-row arrays, and its special ids inside the shard (local ids).
-struct Row {
-  float temperature;
-  uint64_t seed, offset;
-  uint32_t position;  // position[b] + n: the Philox counter word 1
-  uint32_t col0;      // Philox column of local id 0 (vocab_offset)
-  bool random;
+// The settings of one (b, n) row and its special ids inside the shard (local ids).
+struct Row : RowSettings {
   int n_suppress, n_zero_conf;
   int64_t suppress[kMaxSpecialIds], zero_conf[kMaxSpecialIds];
 };
 
-Row row_settings(const ConfidenceParams& p, int64_t b, int64_t n) {
+Row row_of(const ConfidenceParams& p, int64_t b, int64_t n) {
   Row r;
-  r.temperature = p.temperature_ptr[b];
-  r.seed = static_cast<uint64_t>(p.seed_ptr[b]);
-  r.offset = static_cast<uint64_t>(p.offset_ptr[b]);
-  r.position = static_cast<uint32_t>(p.position_ptr[b] + n);
-  r.col0 = static_cast<uint32_t>(p.vocab_offset);
-  r.random = p.random_confidence_ptr[b];
+  static_cast<RowSettings&>(r) = row_settings(p, b, n);
   r.n_suppress = r.n_zero_conf = 0;
   for (int i = 0; i < p.n_special; ++i) {
     const int64_t local = p.special_ids[i] - p.vocab_offset;
@@ -505,14 +495,11 @@ void confidence_cpu(const ConfidenceParams& p) {
       write_unmasked_row(p, i);
       continue;
     }
-    const Row r = row_settings(p, b, n);
+    const Row r = row_of(p, b, n);
     const int64_t row_offset = b * p.logits_b_stride + n * p.logits_n_stride;  // elements
     const char* row_ptr = static_cast<const char*>(p.logits_ptr) + row_offset * elt;
     const RowResult res = row_fn(p, r, row_ptr);
-    // Random remasking: the confidence is one Philox draw per position whatever the token (the official rand()).
-    const double random_prob =
-        r.random ? static_cast<double>(philox_uniform(r.seed, r.offset, r.position, kRandomConfidenceColumn)) : -1.0;
-    write_row(p, i, res.token, res.key, res.num, res.ref, res.denom, random_prob);
+    write_row(p, i, res.token, res.key, res.num, res.ref, res.denom, random_prob(r));
   }
 }
 

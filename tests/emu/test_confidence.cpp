@@ -252,7 +252,7 @@ int run_cpu_case(int N, int V, const Opt& o, uint32_t rng_seed) {
       std::vector<double> row(x, x + V);
       int64_t rt; double rp, gap;
       ref_row(row, o, rw, b, n, &rt, &rp, &gap);
-      const RowResult res = isa.fn(p, row_settings(p, b, n), x);
+      const RowResult res = isa.fn(p, row_of(p, b, n), x);
       const double prob = rw.random[b] ? rp : (res.num > 0 ? res.num / res.denom : 0.0);
       const double tol = rw.temperature[b] > 0 ? 1e-3 : -1.0;
       if (res.token != rt && gap > tol) {
