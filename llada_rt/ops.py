@@ -252,7 +252,7 @@ def confidence(logits: torch.Tensor, masked: torch.Tensor, *, temperature: torch
     argmax; > 0: Gumbel-max, the noise added to the argmax only), seed / offset int64 (Philox key / the request's own
     step), position int64 (answer position of column 0: the draw of (b, n, id c) is keyed by (seed, position + n,
     offset) and column vocab_offset + c, never by b), random_confidence bool (prob = the Philox uniform at column
-    RANDOM_CONFIDENCE_COLUMN instead), suppress_mask / zero_conf_mask int32 (bit i set: special_ids[i], <= 8 host ints,
+    kRandomConfidenceColumn of csrc/philox.h instead), suppress_mask / zero_conf_mask int32 (bit i set: special_ids[i], <= 8 host ints,
     is -inf before the argmax / may be chosen but gets prob 0; both leave the softmax). Rows whose keys are all -inf
     get the lowest id that is not suppressed, prob 0. vocab_offset: the logits hold ids [vocab_offset, vocab_offset +
     V) (token is a global id; special ids below the slice are ignored). The CPU raises on a negative or NaN

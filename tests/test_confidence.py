@@ -492,6 +492,16 @@ def test_cpu_input_errors():
                                                    torch.empty(1, 4, dtype=torch.float64)))
 
 
+@pytest.mark.parametrize("name", ["confidence", "confidence_partial", "remask"])
+def test_reference_has_the_signature_of_the_op(name):
+    """reference.py is also the engine's backend="torch": its functions must take exactly the ops' arguments."""
+    import inspect
+    ours = [(p.name, p.kind, p.default) for p in inspect.signature(getattr(ops, name)).parameters.values()]
+    ref = [(p.name, p.kind, p.default) for p in inspect.signature(getattr(R, name)).parameters.values()]
+    print(ours)
+    assert ours == ref
+
+
 def test_cpu_empty():
     token, prob = ops.confidence(torch.randn(0, 3, 10), torch.ones(0, 3, dtype=torch.bool), **settings(0))
     assert token.shape == (0, 3) and prob.shape == (0, 3)
