@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
 import statistics
@@ -118,7 +119,7 @@ def torch_remask(block, token, prob, k, mask_id):
     block.copy_(torch.where(commit, token, block))
 
 
-def remask_rows(device: torch.device, before=None):
+def remask_rows(device: torch.device):
     mask_id = 126336
     for B, N in [(1, 32), (8, 32), (1, 256), (4, 1024)]:
         block = torch.full((B, N), mask_id, dtype=torch.int64, device=device)   # (B, N)
@@ -151,7 +152,7 @@ def _rate(work: int, us: float) -> str:
     return f"{work / us / 1e6:7.3f} TFLOP/s" if isinstance(work, Flops) else f"{work / us / 1e3:7.2f} GB/s"
 
 
-def attention_rows(device: torch.device, before=None):
+def attention_rows(device: torch.device):
     """Bidirectional attention, FLOPs = 4 B Hq Lq Lk D; baseline: torch SDPA on the same tensors without a mask."""
     shapes = [(1, 32, 1024, 32, 32, 128), (1, 256, 1024, 8, 8, 128), (4, 64, 512, 16, 4, 64), (1, 1, 8192, 32, 32, 128)]
     if device.type == "cuda":
@@ -182,7 +183,8 @@ def main() -> None:
     device = torch.device(args.device)
     if args.before and device.type != "cpu":
         ap.error("--before times the CPU kernel of the earlier build; use --device cpu")
-    before = load_before(args.before) if args.before else None
+    rows = dict(ROWS, confidence=functools.partial(confidence_rows, before=load_before(args.before))) if args.before \
+        else ROWS
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
@@ -191,7 +193,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"# {name} | torch {torch.__version__} | CUDA {torch.version.cuda} | commit {commit} | median of {args.iters}")
     for op in args.ops.split(","):
-        for op_name, config, nbytes, fns in ROWS[op](device, before):
+        for op_name, config, nbytes, fns in rows[op](device):
             cells, base_us = [], {}
             us_all = timed_many([fn for _, fn in fns], device=device, iters=args.iters)
             results = [(label, us) for (label, _), us in zip(fns, us_all)]
