@@ -8,6 +8,7 @@
 
 #include "attention.h"
 #include "confidence.h"
+#include "linear.h"
 #include "remask.h"
 
 namespace llada::bind {
@@ -82,6 +83,20 @@ inline AttentionParams attention_params(uintptr_t o, uintptr_t q, uintptr_t k, u
   return p;
 }
 
+inline LinearParams linear_params(uintptr_t out, uintptr_t x, uintptr_t w, uintptr_t scale, int64_t x_stride,
+                                  int64_t out_stride, int M, int N, int K, int x_dtype, int layout, int n_threads) {
+  if (layout < 0 || layout > 3) throw std::invalid_argument("llada_rt: unknown weight layout " + std::to_string(layout));
+  LinearParams p{};
+  p.out_ptr = ptr<void>(out); p.x_ptr = ptr<const void>(x); p.w_ptr = ptr<const void>(w);
+  p.scale_ptr = ptr<const float>(scale);
+  p.x_stride = x_stride; p.out_stride = out_stride;
+  p.M = M; p.N = N; p.K = K;
+  p.x_dtype = dtype_from_int(x_dtype);
+  p.layout = static_cast<WeightLayout>(layout);
+  p.n_threads = n_threads;
+  return p;
+}
+
 #define LLADA_CONFIDENCE_ARGS                                                                                       \
   py::arg("token"), py::arg("prob"), py::arg("logits"), py::arg("b_stride"), py::arg("n_stride"), py::arg("masked"), \
       py::arg("B"), py::arg("N"), py::arg("V"), py::arg("dtype"), py::arg("temperature"), py::arg("seed"),          \
@@ -94,5 +109,8 @@ inline AttentionParams attention_params(uintptr_t o, uintptr_t q, uintptr_t k, u
   py::arg("o"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("strides"), py::arg("key_start"),               \
       py::arg("key_end"), py::arg("B"), py::arg("Lq"), py::arg("Lk"), py::arg("Hq"), py::arg("Hkv"), py::arg("D"), \
       py::arg("scale"), py::arg("dtype")
+#define LLADA_LINEAR_ARGS                                                                                        \
+  py::arg("out"), py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("x_stride"), py::arg("out_stride"),       \
+      py::arg("M"), py::arg("N"), py::arg("K"), py::arg("x_dtype"), py::arg("layout"), py::arg("n_threads")
 
 }  // namespace llada::bind

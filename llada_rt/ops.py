@@ -324,3 +324,133 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_start: torc
         return torch.ops.llada_rt.attention(q, k, v, key_start, key_end, scale)
     torch.ops.llada_rt.attention_out(out, q, k, v, key_start, key_end, scale)
     return out
+
+
+# ---- linear --------------------------------------------------------------------------------------------------------
+
+_lib.define("linear_out(Tensor(a!) out, Tensor x, Tensor w, Tensor? scale, int layout) -> ()")
+
+# A Linear's path (llada_rt/linear.py) -> the WeightLayout code of csrc/linear.h that our kernels read; the torch paths
+# ("torch_nk": W (N, K) as stored, "torch_kn": W^T (K, N) contiguous) go to torch.mm.
+LINEAR_LAYOUTS = {"blocked_f32": 0, "blocked_bf16": 1, "blocked_int8": 2, "rows_int8": 3}
+LINEAR_PATHS = ("torch_nk", "torch_kn", *LINEAR_LAYOUTS)
+LINEAR_BLOCK_N = 16   # kLinearBlockN in csrc/linear.h
+LINEAR_PANEL_N = 64   # kLinearPanelN: the blocked layouts pad N to a multiple of it
+_LINEAR_TENSOR_DTYPES = {"blocked_f32": torch.float32, "blocked_bf16": torch.bfloat16, "blocked_int8": torch.int8,
+                         "rows_int8": torch.int8}
+# activation dtypes each kernel path takes (the output has the activations' dtype)
+_LINEAR_X_DTYPES = {"blocked_f32": (torch.float32,), "blocked_bf16": (torch.bfloat16,),
+                    "blocked_int8": (torch.float32, torch.bfloat16), "rows_int8": (torch.bfloat16,)}
+
+
+def linear_weight_shape(path: str, N: int, K: int) -> tuple[int, ...]:
+    """The shape of the tensor a Linear on `path` holds for W (N, K) (the layouts of csrc/linear.h)."""
+    Np = -(-N // LINEAR_PANEL_N) * LINEAR_PANEL_N
+    return {"torch_nk": (N, K), "torch_kn": (K, N), "rows_int8": (N, K),
+            "blocked_f32": (Np // LINEAR_BLOCK_N, K, LINEAR_BLOCK_N),
+            "blocked_bf16": (Np // LINEAR_BLOCK_N, -(-K // 2), LINEAR_BLOCK_N, 2),
+            "blocked_int8": (Np // LINEAR_BLOCK_N, -(-K // 2), LINEAR_BLOCK_N, 2)}[path]
+
+
+def linear_path_supported(path: str, device: torch.device | str) -> bool:
+    """Whether ops.linear can run `path` on this device here (CPU: the kernel's instructions; CUDA: a CUDA build)."""
+    device = torch.device(device)
+    if path in ("torch_nk", "torch_kn"):
+        return True
+    if path == "rows_int8":
+        return device.type == "cuda" and _C.with_cuda
+    return device.type == "cpu" and path in LINEAR_LAYOUTS and _C.linear_cpu_supports(LINEAR_LAYOUTS[path])
+
+
+def cpu_features() -> dict[str, bool]:
+    """The x86 extensions the CPU kernels dispatch on (cpuid; AVX-512 ones only when the OS enables them)."""
+    return dict(_C.cpu_features())
+
+
+def _check_linear_kernel(out, x, w, scale, layout) -> None:
+    op = "linear"
+    path = next((p for p, c in LINEAR_LAYOUTS.items() if c == layout), None)
+    _check(path is not None, op, f"unknown weight layout code {layout}")
+    _check(x.dim() == 2 and out.dim() == 2, op, f"x and out must be 2-D, got {tuple(x.shape)} and {tuple(out.shape)}")
+    M, K = x.shape
+    N = out.shape[1]
+    _check(out.shape[0] == M, op, f"out must have x's {M} rows, got {tuple(out.shape)}")
+    _check(x.dtype in _LINEAR_X_DTYPES[path], op, f"the {path} weights take activations in "
+           f"{[str(d).replace('torch.', '') for d in _LINEAR_X_DTYPES[path]]}, got x in {x.dtype}")
+    _check(out.dtype == x.dtype, op, f"out must have x's dtype {x.dtype}, got {out.dtype}")
+    _check(w.dtype == _LINEAR_TENSOR_DTYPES[path] and tuple(w.shape) == linear_weight_shape(path, N, K), op,
+           f"the {path} weight for (N, K) = ({N}, {K}) must be {_LINEAR_TENSOR_DTYPES[path]} "
+           f"{linear_weight_shape(path, N, K)}, got {w.dtype} {tuple(w.shape)}")
+    _check(w.is_contiguous(), op, "the weight must be contiguous (as llada_rt.linear.Linear builds it)")
+    if path in ("blocked_int8", "rows_int8"):
+        _check(scale is not None and scale.dtype == torch.float32 and tuple(scale.shape) == (N,)
+               and scale.is_contiguous(), op, f"int8 weights need float32 contiguous scales of shape ({N},)")
+    for name, t in (("x", x), ("w", w), ("scale", scale)):
+        if t is not None:
+            _check(t.device == out.device, op, f"{name} is on {t.device} but out is on {out.device}")
+    _check(x.stride(1) == 1 and out.stride(1) == 1, op, f"x and out must have unit stride over their last dimension, "
+           f"got strides {x.stride()} and {out.stride()}")
+    _check(max(M, N, K) < 2**31, op, f"sizes must be < 2**31, got (M, N, K) = ({M}, {N}, {K})")
+    if out.is_cuda:
+        _check(path == "rows_int8", op, f"the {path} weights are a CPU layout; on CUDA int8 weights are rows_int8")
+        _check(K % 16 == 0 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0, op,
+               f"the CUDA int8 kernel needs K % 16 == 0 and 16-byte aligned rows of x and W, got K = {K}, x row stride "
+               f"{x.stride(0)}")
+    else:
+        _check(path != "rows_int8", op, "rows_int8 is the CUDA layout; on the CPU int8 weights are blocked_int8")
+        _check(_C.linear_cpu_supports(layout), op, f"this CPU lacks the instructions of the {path} kernel "
+               f"(cpu_features(): {cpu_features()}); build the Linear with a torch path instead")
+
+
+def _linear_out_impl(out, x, w, scale, layout):
+    _check_linear_kernel(out, x, w, scale, layout)
+    M, K = x.shape
+    N = out.shape[1]
+    if M == 0 or N == 0:
+        return
+    args = (out.data_ptr(), x.data_ptr(), w.data_ptr(), 0 if scale is None else scale.data_ptr(), x.stride(0),
+            out.stride(0), M, N, K, DTYPE_CODES[x.dtype], layout)
+    if out.is_cuda:
+        _require_cuda_build("linear")
+        _C.linear_cuda(*args, _stream(out))
+    else:
+        _C.linear_cpu(*args, torch.get_num_threads())
+
+
+_lib.impl("linear_out", _linear_out_impl, "CPU")
+_lib.impl("linear_out", _linear_out_impl, "CUDA")
+
+
+@torch.library.register_fake("llada_rt::linear_out")
+def _linear_out_fake(out, x, w, scale, layout):
+    _check_linear_kernel(out, x, w, scale, layout)
+
+
+def linear(x: torch.Tensor, w, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ W^T -> (..., N) for a llada_rt.linear.Linear w, by the path it was built for, written into `out`
+    when given (then nothing is allocated: x must be contiguous, out (..., N) with contiguous rows).
+
+    Paths: torch_nk / torch_kn run torch.mm on W (N, K) or W^T (K, N) (fp32/bf16/fp16, any device); blocked_f32 /
+    blocked_bf16 (CPU) our AVX-512 kernels, fp32 or bf16 in and out, fp32 accumulation; blocked_int8 (CPU) int8 weights
+    dequantised exactly to bf16 tiles, x (fp32 or bf16) rounded to bf16, fp32 accumulation, times the per-column scale
+    in fp32, output in x's dtype; rows_int8 (CUDA) the same math with bf16 x on tensor cores.
+    """
+    K, N = w.K, w.N
+    _check(x.shape[-1] == K, "linear", f"x has {x.shape[-1]} features (last dimension) but the weight takes K = {K}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K) if x.dim() != 2 else x                                  # (M, K), a view when contiguous
+    if out is None:
+        out = torch.empty((*lead, N), dtype=x.dtype, device=x.device)
+    _check(tuple(out.shape) == (*lead, N), "linear", f"out must have shape {(*lead, N)}, got {tuple(out.shape)}")
+    out2 = out.view(-1, N) if out.dim() != 2 else out                            # (M, N)
+    if w.path in ("torch_nk", "torch_kn"):
+        t = w.tensor
+        _check(x.dtype == t.dtype and out.dtype == t.dtype, "linear", f"the weight is {t.dtype}; x and out must be "
+               f"too, got {x.dtype} and {out.dtype}")
+        _check(t.device == x.device, "linear", f"the weight is on {t.device} but x is on {x.device}")
+        torch.mm(x2, t.t() if w.path == "torch_nk" else t, out=out2)
+    elif w.path in LINEAR_LAYOUTS:
+        torch.ops.llada_rt.linear_out(out2, x2, w.tensor, w.scale, LINEAR_LAYOUTS[w.path])
+    else:
+        raise OpInputError(f"llada_rt.ops.linear: unknown path {w.path!r}; paths: {', '.join(LINEAR_PATHS)}")
+    return out

@@ -135,3 +135,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_start: torc
     denom = p.sum(dim=-1, keepdim=True)
     p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
     return torch.einsum("bhqk,bkhd->bqhd", p, vf).to(q.dtype)
+
+
+# ---- linear --------------------------------------------------------------------------------------------------------
+
+def linear(x: torch.Tensor, w, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference of ops.linear in fp32: x (..., K) @ w.dense()^T -> (..., N) in x's dtype (int8 weights dequantised);
+    differentiable: for fp32 x and dense fp32 weights this is F.linear on the held tensor itself (training)."""
+    y = torch.nn.functional.linear(x.float(), w.dense().float()).to(x.dtype)
+    if out is None:
+        return y
+    out.copy_(y)
+    return out
