@@ -67,21 +67,25 @@ def forward(cfg: LLaDAConfig, w: ModelWeights, tokens: torch.Tensor, positions: 
         attend = sdpa_attention
     else:
         raise ValueError(f"backend must be 'ops' or 'torch', got {backend!r}")
+    if backend == "ops":
+        from .ops import linear
+    else:
+        from .reference import linear
     x = F.embedding(tokens, w.embed)                                           # (B, S, d)
     for i, layer in enumerate(w.layers):
         h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
-        q, k, v = F.linear(h, layer.wqkv).split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+        q, k, v = linear(h, layer.wqkv).split([Hq * D, Hkv * D, Hkv * D], dim=-1)
         q = apply_rope(q.view(B, S, Hq, D), cos, sin, cfg.rope_full_precision)  # (B, S, Hq, D)
         k = apply_rope(k.view(B, S, Hkv, D), cos, sin, cfg.rope_full_precision)
         v = v.view(B, S, Hkv, D)
         if cache is not None:
             k, v = cache.update(i, k, v)                                       # (B, Lk, Hkv, D) views of the cache
         a = attend(q, k, v, key_start)                                         # (B, S, Hq, D)
-        x = x + F.linear(a.reshape(B, S, Hq * D), layer.wo)
+        x = x + linear(a.reshape(B, S, Hq * D), layer.wo)
         h = rms_norm(x, layer.ff_norm, cfg.rms_norm_eps)
-        gate, up = F.linear(h, layer.w_gate_up).chunk(2, dim=-1)
-        x = x + F.linear(F.silu(gate) * up, layer.w_down)
+        gate, up = linear(h, layer.w_gate_up).chunk(2, dim=-1)
+        x = x + linear(F.silu(gate) * up, layer.w_down)
     if rows is not None:
         x = x[:, rows]
     x = rms_norm(x, w.ln_f, cfg.rms_norm_eps)
-    return F.linear(x, w.lm_head)                                             # (B, R, V)
+    return linear(x, w.lm_head)                                               # (B, R, V)

@@ -98,7 +98,7 @@ class Runtime:
     """A loaded LLaDA checkpoint. `Runtime()` loads the small model shipped inside the package."""
 
     def __init__(self, path: str | Path | None = None, device: str | torch.device | None = None,
-                 dtype: torch.dtype | str | None = None):
+                 dtype: torch.dtype | str | None = None, quantize: str | None = None):
         self.path = Path(path) if path is not None else SHIPPED_MODEL
         if not self.path.is_dir():
             where = "the shipped model" if path is None else "the checkpoint directory"
@@ -117,7 +117,9 @@ class Runtime:
         self.dtype = dtype
         self.config = load_config(self.path)
         self.tokenizer = Tokenizer(self.path, mask_id=self.config.mask_token_id, eos_id=self.config.eos_token_id)
-        self.weights = load_weights(self.path, self.config, self.device, dtype)
+        # quantize "int8": every linear (LM head included) int8 with per-output-channel scales; an int8 checkpoint
+        # (`llada-rt quantize`) loads as int8 without it
+        self.weights = load_weights(self.path, self.config, self.device, dtype, quantize=quantize)
 
     def __repr__(self) -> str:
         c = self.config
