@@ -12,7 +12,7 @@ constexpr int kLinearPanelN = 64;  // the blocked layouts pad N to a multiple of
 enum class WeightLayout : int {
   kBlockedF32 = 0,   // fp32 [Np/16][K][16]:        w[(b K + k) 16 + i] = W[16 b + i][k]
   kBlockedBF16 = 1,  // bf16 [Np/16][K2][16][2]:    w[((b K2 + p) 16 + i) 2 + e] = W[16 b + i][2 p + e]
-  kBlockedInt8 = 2,  // int8, the order of kBlockedBF16; out = (x @ q^T) * scale[n]
+  kBlockedInt8 = 2,  // int8, the order of kBlockedBF16; out = (x @ q^T) * scale[n] (CPU: x quantized per row to int16)
   kRowsInt8 = 3,     // int8 (N, K) row-major, as the quantized checkpoint stores it (the CUDA kernel's layout)
 };
 
@@ -29,8 +29,8 @@ struct LinearParams {
 };
 
 void linear_cpu(const LinearParams& p);
-// Whether this CPU has the instructions of the layout's CPU kernel (kBlockedF32: AVX-512F; the bf16 and int8 layouts:
-// AVX-512 BF16). ops.py never offers a layout the CPU cannot run; linear_cpu throws if asked to.
+// Whether this CPU has the instructions of the layout's CPU kernel (kBlockedF32: AVX-512F; kBlockedBF16: AVX-512 BF16;
+// kBlockedInt8: AVX-512 VNNI). ops.py never offers a layout the CPU cannot run; linear_cpu throws if asked to.
 bool linear_cpu_supports(WeightLayout layout);
 #if defined(LLADA_WITH_CUDA)
 void run_linear(const LinearParams& p, void* stream);  // kRowsInt8 with bf16 x; stream is a cudaStream_t

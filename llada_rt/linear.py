@@ -145,7 +145,7 @@ def _require_path(path: str, device: torch.device) -> None:
     elif device.type != "cpu":
         why = "it is a CPU layout"
     else:
-        why = (f"this CPU lacks the kernel's instructions (AVX-512F, and AVX-512 BF16 for the bf16 and int8 layouts; "
+        why = (f"this CPU lacks the kernel's instructions (AVX-512F; AVX-512 BF16 for bf16, AVX-512 VNNI for int8; "
                f"cpu_features(): {ops.cpu_features()}); use float32 or bfloat16 weights on a torch path")
     raise ValueError(f"linear path {path!r} cannot run on {device}: {why}")
 

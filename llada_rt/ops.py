@@ -431,9 +431,10 @@ def linear(x: torch.Tensor, w, out: torch.Tensor | None = None) -> torch.Tensor:
     when given (then nothing is allocated: x must be contiguous, out (..., N) with contiguous rows).
 
     Paths: torch_nk / torch_kn run torch.mm on W (N, K) or W^T (K, N) (fp32/bf16/fp16, any device); blocked_f32 /
-    blocked_bf16 (CPU) our AVX-512 kernels, fp32 or bf16 in and out, fp32 accumulation; blocked_int8 (CPU) int8 weights
-    dequantised exactly to bf16 tiles, x (fp32 or bf16) rounded to bf16, fp32 accumulation, times the per-column scale
-    in fp32, output in x's dtype; rows_int8 (CUDA) the same math with bf16 x on tensor cores.
+    blocked_bf16 (CPU) our AVX-512 kernels, fp32 or bf16 in and out, fp32 accumulation. int8 weights, output in x's
+    dtype: blocked_int8 (CPU) quantizes each row of x (fp32 or bf16) to int16 (scale max |x| / 32767, half to even),
+    sums x q exactly in int32 over 256 k at a time (AVX512-VNNI), then in fp32, times both scales; rows_int8 (CUDA)
+    dequantises q exactly to bf16 for mma.sync with bf16 x, fp32 accumulation, times the column scale.
     """
     K, N = w.K, w.N
     _check(x.shape[-1] == K, "linear", f"x has {x.shape[-1]} features (last dimension) but the weight takes K = {K}")

@@ -18,7 +18,7 @@ from llada_rt.weights import (SCALE_SUFFIX, CheckpointError, load_weights, quant
                               save_checkpoint)
 
 pytestmark = pytest.mark.skipif(not ops.linear_path_supported("blocked_int8", "cpu"),
-                                reason=f"int8 on this CPU needs AVX-512 BF16 (cpu_features: {ops.cpu_features()})")
+                                reason=f"int8 on this CPU needs AVX-512 VNNI (cpu_features: {ops.cpu_features()})")
 
 
 def _tensors(ckpt):

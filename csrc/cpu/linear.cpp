@@ -1,7 +1,8 @@
 // CPU linear on the blocked weight layouts of linear.h. Each thread takes a contiguous range of 64-column panels; a
-// panel is walked in K-chunks that stay in L2 while register tiles of up to 6 rows x 64 columns run over them. fp32: FMA
-// on broadcast activations; bf16: AVX512-BF16 dot products of k-pairs; int8: each chunk dequantised to bf16 (exact:
-// |q| <= 127 has at most 8 significant bits), the bf16 tiles, then the per-column scale in fp32.
+// panel is walked in K-chunks that stay in L2 while register tiles of up to 6 rows x 64 columns run over them, and the
+// next chunk is prefetched meanwhile. fp32: FMA on broadcast activations; bf16: AVX512-BF16 dot products of k-pairs;
+// int8: x quantized per row to int16, AVX512-VNNI int16 x int8 dot products summed exactly in int32, then both scales
+// in fp32 (measured faster than dequantising the weights to bf16 tiles at 1 to 64 rows, and more accurate).
 #include <immintrin.h>
 #include <omp.h>
 
@@ -16,8 +17,10 @@
 
 #pragma GCC diagnostic ignored "-Wpsabi"  // vector arguments of always-inline helpers never cross an ABI boundary
 
+#define LLADA_ALWAYS_INLINE inline __attribute__((always_inline))
 #define LLADA_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
 #define LLADA_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
+#define LLADA_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")))
 
 namespace llada {
 namespace {
@@ -26,15 +29,58 @@ constexpr int kPanelBlocks = kLinearPanelN / kLinearBlockN;  // 4 accumulators p
 constexpr int kTileRows = 6;       // 6 x 4 accumulators + 4 weight vectors + 1 broadcast: 29 of the 32 zmm registers
 constexpr int kChunkSteps = 1024;  // k (fp32) or k-pairs per chunk: 4 blocks x 1024 x 64 B = 256 KiB stays in L2
 constexpr int kStepElems = 16;     // fp32 elements per block and k-step (kBlockedF32)
-constexpr int kPairElems = 32;     // 16-bit elements per block and k-pair (kBlockedBF16, kBlockedInt8)
+constexpr int kPairElems = 32;     // elements per block and k-pair (kBlockedBF16, kBlockedInt8)
+constexpr int kInt32Steps = 128;   // k-pairs per int32 sum: 128 x 2 x 32767 x 127 < 2^31, so it cannot overflow
+constexpr float kInt16Max = 32767.0f;
 
 inline int32_t load_pair(const uint16_t* p) { int32_t v; std::memcpy(&v, p, 4); return v; }
+
+// The 64-byte lines of the weight chunk this thread reads next (4 block ranges), prefetched into L2 a few per k-step
+// while the current chunk's row tiles run: the first tile of a chunk waits on memory and the others compute from
+// cache, so without this the memory would sit idle during most of a multi-tile chunk.
+struct Prefetch {
+  const char* base = nullptr;  // block 0 of the next chunk; null: nothing left to prefetch
+  int64_t block_stride = 0;    // bytes between blocks
+  int64_t block_lines = 0;     // lines per block in the chunk
+  int64_t next = 0;            // lines issued so far, over the 4 blocks
+  int per_step = 0;            // lines per k-step of a tile
+  LLADA_ALWAYS_INLINE void step() {
+    for (int i = 0; i < per_step && next < kPanelBlocks * block_lines; ++i, ++next) {
+      const int64_t j = next / block_lines, l = next % block_lines;
+      _mm_prefetch(base + j * block_stride + l * 64, _MM_HINT_T1);
+    }
+  }
+};
+
+// The next chunk after chunk s0 of `panel` among this thread's panels [.., panel_end): in the same panel, else the
+// first chunk of the next one; its lines spread over the k-steps of every row tile of M rows.
+inline Prefetch next_chunk(const char* w, int64_t elt, int64_t step_elems, int64_t steps, int64_t panel,
+                           int64_t panel_end, int64_t s0, int M) {
+  Prefetch pf;
+  const int64_t block_bytes = steps * step_elems * elt;
+  int64_t next_steps;
+  if (s0 + kChunkSteps < steps) {
+    pf.base = w + panel * kPanelBlocks * block_bytes + (s0 + kChunkSteps) * step_elems * elt;
+    next_steps = std::min<int64_t>(kChunkSteps, steps - s0 - kChunkSteps);
+  } else if (panel + 1 < panel_end) {
+    pf.base = w + (panel + 1) * kPanelBlocks * block_bytes;
+    next_steps = std::min<int64_t>(kChunkSteps, steps);
+  } else {
+    return pf;
+  }
+  pf.block_stride = block_bytes;
+  pf.block_lines = (next_steps * step_elems * elt + 63) / 64;
+  const int64_t tile_steps = static_cast<int64_t>((M + kTileRows - 1) / kTileRows) *
+                             std::min<int64_t>(kChunkSteps, steps - s0);
+  pf.per_step = static_cast<int>((kPanelBlocks * pf.block_lines + tile_steps - 1) / tile_steps);
+  return pf;
+}
 
 // c (R x 64, row stride 64) = [c +] x (R rows, row stride ldx) . tile, over `steps` k-steps; the tile holds 4 blocks,
 // bs elements apart, each [steps][16] fp32.
 template <int R>
 LLADA_AVX512 void tile_f32(float* c, bool accumulate, const float* x, int64_t ldx, const float* w, int64_t bs,
-                           int steps) {
+                           int steps, Prefetch& pf) {
   __m512 acc[R][kPanelBlocks];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -42,6 +88,7 @@ LLADA_AVX512 void tile_f32(float* c, bool accumulate, const float* x, int64_t ld
     for (int j = 0; j < kPanelBlocks; ++j)
       acc[r][j] = accumulate ? _mm512_loadu_ps(c + r * kLinearPanelN + 16 * j) : _mm512_setzero_ps();
   for (int s = 0; s < steps; ++s) {
+    pf.step();
     const float* ws = w + static_cast<int64_t>(s) * kStepElems;
     const __m512 w0 = _mm512_loadu_ps(ws), w1 = _mm512_loadu_ps(ws + bs), w2 = _mm512_loadu_ps(ws + 2 * bs),
                  w3 = _mm512_loadu_ps(ws + 3 * bs);
@@ -64,7 +111,7 @@ LLADA_AVX512 void tile_f32(float* c, bool accumulate, const float* x, int64_t ld
 // vdpbf16ps adds x[2s] w[2s] + x[2s+1] w[2s+1] to each of 16 column accumulators.
 template <int R>
 LLADA_AVX512_BF16 void tile_bf16(float* c, bool accumulate, const uint16_t* x, int64_t ldx, const uint16_t* w,
-                                 int64_t bs, int steps) {
+                                 int64_t bs, int steps, Prefetch& pf) {
   __m512 acc[R][kPanelBlocks];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -72,6 +119,7 @@ LLADA_AVX512_BF16 void tile_bf16(float* c, bool accumulate, const uint16_t* x, i
     for (int j = 0; j < kPanelBlocks; ++j)
       acc[r][j] = accumulate ? _mm512_loadu_ps(c + r * kLinearPanelN + 16 * j) : _mm512_setzero_ps();
   for (int s = 0; s < steps; ++s) {
+    pf.step();
     const uint16_t* ws = w + static_cast<int64_t>(s) * kPairElems;
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(ws), w1 = (__m512bh)_mm512_loadu_si512(ws + bs),
                    w2 = (__m512bh)_mm512_loadu_si512(ws + 2 * bs), w3 = (__m512bh)_mm512_loadu_si512(ws + 3 * bs);
@@ -90,6 +138,47 @@ LLADA_AVX512_BF16 void tile_bf16(float* c, bool accumulate, const uint16_t* x, i
     for (int j = 0; j < kPanelBlocks; ++j) _mm512_storeu_ps(c + r * kLinearPanelN + 16 * j, acc[r][j]);
 }
 
+// The int8 twin: x rows are int16 (x quantized per row), each block [steps][16][2] int8, sign-extended to int16 as
+// loaded; one vpdpwssd adds x[2s] q[2s] + x[2s+1] q[2s+1] exactly to each of 16 int32 column sums. steps <=
+// kInt32Steps, so the sums cannot overflow; they are added to the fp32 c at the end.
+template <int R>
+LLADA_AVX512_VNNI void tile_i8(float* c, bool accumulate, const int16_t* x, int64_t ldx, const int8_t* w, int64_t bs,
+                               int steps, Prefetch& pf) {
+  // int32 lanes as the builtin's own type: with __m512i (64-bit lanes) GCC 12 keeps these sums on the stack
+  __v16si acc[R][kPanelBlocks];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < kPanelBlocks; ++j) acc[r][j] = __v16si{};
+  for (int s = 0; s < steps; ++s) {
+    pf.step();
+    const int8_t* ws = w + static_cast<int64_t>(s) * kPairElems;
+    const __v16si w0 = (__v16si)_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws))),
+                  w1 = (__v16si)_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + bs))),
+                  w2 = (__v16si)_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + 2 * bs))),
+                  w3 = (__v16si)_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + 3 * bs)));
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, x + r * ldx + 2 * s, 4);
+      const __v16si xb = __v16si{} + pair;
+      acc[r][0] = __builtin_ia32_vpdpwssd_v16si(acc[r][0], xb, w0);
+      acc[r][1] = __builtin_ia32_vpdpwssd_v16si(acc[r][1], xb, w1);
+      acc[r][2] = __builtin_ia32_vpdpwssd_v16si(acc[r][2], xb, w2);
+      acc[r][3] = __builtin_ia32_vpdpwssd_v16si(acc[r][3], xb, w3);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int j = 0; j < kPanelBlocks; ++j) {
+      float* cp = c + r * kLinearPanelN + 16 * j;
+      const __m512 v = _mm512_cvtepi32_ps((__m512i)acc[r][j]);
+      _mm512_storeu_ps(cp, accumulate ? _mm512_add_ps(v, _mm512_loadu_ps(cp)) : v);
+    }
+  }
+}
+
 template <class T, class Fn>
 void dispatch_rows(int rows, Fn&& fn) {
   switch (rows) {
@@ -105,9 +194,10 @@ void dispatch_rows(int rows, Fn&& fn) {
 // What every thread of one call shares.
 struct Job {
   const LinearParams* p;
-  const void* x;     // kBlockedF32: fp32 x; the others: bf16 x whose rows hold an even number of elements
+  const void* x;     // kBlockedF32: fp32 x; kBlockedBF16: bf16 x, kBlockedInt8: int16 x, rows of an even length
   int64_t ldx;       // elements
   int64_t steps;     // k-steps of the layout: K (fp32) or ceil(K / 2)
+  const float* x_scale;  // kBlockedInt8: (M,) the per-row scales of the int16 x
 };
 
 // M rows split into ceil(M / 6) tiles of nearly equal height (32 rows: 6 6 5 5 5 5, not 6 6 6 6 6 2).
@@ -121,7 +211,7 @@ void for_row_tiles(int M, Fn&& fn) {
   }
 }
 
-LLADA_AVX512 void panel_f32(const Job& job, int64_t panel, float* c) {
+LLADA_AVX512 void panel_f32(const Job& job, int64_t panel, int64_t panel_end, float* c) {
   const LinearParams& p = *job.p;
   const float* x = static_cast<const float*>(job.x);
   const int64_t bs = job.steps * kStepElems;
@@ -129,10 +219,11 @@ LLADA_AVX512 void panel_f32(const Job& job, int64_t panel, float* c) {
   for (int64_t s0 = 0; s0 < job.steps; s0 += kChunkSteps) {
     const int cs = static_cast<int>(std::min<int64_t>(kChunkSteps, job.steps - s0));
     const float* w = w_panel + s0 * kStepElems;
+    Prefetch pf = next_chunk(static_cast<const char*>(p.w_ptr), 4, kStepElems, job.steps, panel, panel_end, s0, p.M);
     for_row_tiles(p.M, [&](int r0, int rows) {
       dispatch_rows<float>(rows, [&](auto R) {
         tile_f32<decltype(R)::value>(c + static_cast<int64_t>(r0) * kLinearPanelN, s0 > 0, x + r0 * job.ldx + s0,
-                                     job.ldx, w, bs, cs);
+                                     job.ldx, w, bs, cs, pf);
       });
     });
   }
@@ -147,42 +238,18 @@ LLADA_AVX512 void panel_f32(const Job& job, int64_t panel, float* c) {
   }
 }
 
-// int8 chunk (4 blocks, block stride bs, [cs][16][2] each) -> bf16 [4][cs][16][2], the integers exactly.
-LLADA_AVX512_BF16 void dequant_chunk(uint16_t* dst, const int8_t* src, int64_t bs, int cs) {
-  for (int j = 0; j < kPanelBlocks; ++j) {
-    const int8_t* s = src + j * bs;
-    uint16_t* d = dst + static_cast<int64_t>(j) * cs * kPairElems;
-    for (int i = 0; i < cs; ++i) {
-      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i * kPairElems));
-      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
-      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
-      _mm512_storeu_si512(d + i * kPairElems, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));  // lo -> elements 0..15
-    }
-  }
-}
-
-LLADA_AVX512_BF16 void panel_bf16(const Job& job, int64_t panel, float* c, uint16_t* deq) {
+LLADA_AVX512_BF16 void panel_bf16(const Job& job, int64_t panel, int64_t panel_end, float* c) {
   const LinearParams& p = *job.p;
   const uint16_t* x = static_cast<const uint16_t*>(job.x);
-  const bool int8 = p.layout == WeightLayout::kBlockedInt8;
   const int64_t bs = job.steps * kPairElems;
-  const int64_t panel_offset = panel * kPanelBlocks * bs;
+  const uint16_t* w_panel = static_cast<const uint16_t*>(p.w_ptr) + panel * kPanelBlocks * bs;
   for (int64_t s0 = 0; s0 < job.steps; s0 += kChunkSteps) {
     const int cs = static_cast<int>(std::min<int64_t>(kChunkSteps, job.steps - s0));
-    const uint16_t* w;
-    int64_t tile_bs;
-    if (int8) {
-      dequant_chunk(deq, static_cast<const int8_t*>(p.w_ptr) + panel_offset + s0 * kPairElems, bs, cs);
-      w = deq;
-      tile_bs = static_cast<int64_t>(cs) * kPairElems;
-    } else {
-      w = static_cast<const uint16_t*>(p.w_ptr) + panel_offset + s0 * kPairElems;
-      tile_bs = bs;
-    }
+    Prefetch pf = next_chunk(static_cast<const char*>(p.w_ptr), 2, kPairElems, job.steps, panel, panel_end, s0, p.M);
     for_row_tiles(p.M, [&](int r0, int rows) {
       dispatch_rows<uint16_t>(rows, [&](auto R) {
         tile_bf16<decltype(R)::value>(c + static_cast<int64_t>(r0) * kLinearPanelN, s0 > 0,
-                                      x + r0 * job.ldx + 2 * s0, job.ldx, w, tile_bs, cs);
+                                      x + r0 * job.ldx + 2 * s0, job.ldx, w_panel + s0 * kPairElems, bs, cs, pf);
       });
     });
   }
@@ -191,31 +258,86 @@ LLADA_AVX512_BF16 void panel_bf16(const Job& job, int64_t panel, float* c, uint1
       const int64_t n = panel * kLinearPanelN + 16 * j;
       if (n >= p.N) break;
       const __mmask16 mask = p.N - n >= 16 ? 0xffff : static_cast<__mmask16>((1u << (p.N - n)) - 1);
-      __m512 v = _mm512_loadu_ps(c + m * kLinearPanelN + 16 * j);
-      if (int8) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mask, p.scale_ptr + n));
-      if (p.x_dtype == DType::kFloat32) {
-        _mm512_mask_storeu_ps(static_cast<float*>(p.out_ptr) + m * p.out_stride + n, mask, v);
-      } else {
-        const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);  // round to nearest even, as torch rounds
-        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p.out_ptr) + m * p.out_stride + n, mask, h);
-      }
+      const __m512 v = _mm512_loadu_ps(c + m * kLinearPanelN + 16 * j);
+      const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);  // round to nearest even, as torch rounds
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p.out_ptr) + m * p.out_stride + n, mask, h);
     }
   }
 }
 
-// Row m of x as bf16 into dst (2 K2 elements, the last one zero when K is odd): converted from fp32 (round to nearest
-// even) or copied.
-LLADA_AVX512_BF16 void x_row_to_bf16(uint16_t* dst, const void* src, DType dtype, int K) {
-  int k = 0;
-  if (dtype == DType::kFloat32) {
-    const float* s = static_cast<const float*>(src);
-    for (; k < K; k += 16) {
-      const __mmask16 mask = K - k >= 16 ? 0xffff : static_cast<__mmask16>((1u << (K - k)) - 1);
-      _mm256_mask_storeu_epi16(dst + k, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, s + k)));
-    }
-  } else {
-    std::memcpy(dst, src, sizeof(uint16_t) * K);
+// fp32 -> bf16 bits, round to nearest even as torch rounds (NaN stays a quiet NaN), without the AVX512-BF16 instructions.
+LLADA_AVX512_VNNI __m256i to_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+LLADA_AVX512_VNNI void panel_int8(const Job& job, int64_t panel, int64_t panel_end, float* c) {
+  const LinearParams& p = *job.p;
+  const int16_t* x = static_cast<const int16_t*>(job.x);
+  const int64_t bs = job.steps * kPairElems;
+  const int8_t* w_panel = static_cast<const int8_t*>(p.w_ptr) + panel * kPanelBlocks * bs;
+  for (int64_t s0 = 0; s0 < job.steps; s0 += kChunkSteps) {
+    const int cs = static_cast<int>(std::min<int64_t>(kChunkSteps, job.steps - s0));
+    Prefetch pf = next_chunk(static_cast<const char*>(p.w_ptr), 1, kPairElems, job.steps, panel, panel_end, s0, p.M);
+    for_row_tiles(p.M, [&](int r0, int rows) {
+      dispatch_rows<int8_t>(rows, [&](auto R) {
+        for (int i0 = 0; i0 < cs; i0 += kInt32Steps) {
+          const int64_t s = s0 + i0;
+          tile_i8<decltype(R)::value>(c + static_cast<int64_t>(r0) * kLinearPanelN, s > 0, x + r0 * job.ldx + 2 * s,
+                                      job.ldx, w_panel + s * kPairElems, bs, std::min(kInt32Steps, cs - i0), pf);
+        }
+      });
+    });
   }
+  for (int m = 0; m < p.M; ++m) {
+    const __m512 sx = _mm512_set1_ps(job.x_scale[m]);
+    for (int j = 0; j < kPanelBlocks; ++j) {
+      const int64_t n = panel * kLinearPanelN + 16 * j;
+      if (n >= p.N) break;
+      const __mmask16 mask = p.N - n >= 16 ? 0xffff : static_cast<__mmask16>((1u << (p.N - n)) - 1);
+      const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(c + m * kLinearPanelN + 16 * j), sx),
+                                     _mm512_maskz_loadu_ps(mask, p.scale_ptr + n));
+      if (p.x_dtype == DType::kFloat32)
+        _mm512_mask_storeu_ps(static_cast<float*>(p.out_ptr) + m * p.out_stride + n, mask, v);
+      else
+        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p.out_ptr) + m * p.out_stride + n, mask, to_bf16(v));
+    }
+  }
+}
+
+// 16 elements of an fp32 or bf16 row from k (masked past K) as fp32.
+LLADA_AVX512_VNNI __m512 load_x16(const void* src, DType dtype, int k, __mmask16 mask) {
+  if (dtype == DType::kFloat32) return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(src) + k);
+  const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(src) + k);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Row m of x quantized to int16: scale = max |x| / 32767, q = round(x / scale) (half to even); dst holds 2 K2 elements
+// (the last one zero when K is odd). An all-zero row gets scale 0.
+LLADA_AVX512_VNNI void x_row_to_int16(int16_t* dst, float* scale, const void* src, DType dtype, int K) {
+  __m512 amax = _mm512_setzero_ps();
+  for (int k = 0; k < K; k += 16) {
+    const __mmask16 mask = K - k >= 16 ? 0xffff : static_cast<__mmask16>((1u << (K - k)) - 1);
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(load_x16(src, dtype, k, mask)));
+  }
+  const float m = _mm512_reduce_max_ps(amax);
+  *scale = m / kInt16Max;
+  const __m512 inv = _mm512_set1_ps(m > 0.0f ? kInt16Max / m : 0.0f);
+  for (int k = 0; k < K; k += 16) {
+    const __mmask16 mask = K - k >= 16 ? 0xffff : static_cast<__mmask16>((1u << (K - k)) - 1);
+    const __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(load_x16(src, dtype, k, mask), inv),
+                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_mask_storeu_epi16(dst + k, mask, _mm512_cvtsepi32_epi16(q));
+  }
+  if (K % 2) dst[K] = 0;
+}
+
+// Row m of bf16 x copied into dst with a zero after an odd K (the pair kernels read k-pairs).
+void x_row_pad(uint16_t* dst, const void* src, int K) {
+  std::memcpy(dst, src, sizeof(uint16_t) * K);
   if (K % 2) dst[K] = 0;
 }
 
@@ -232,8 +354,8 @@ bool linear_cpu_supports(WeightLayout layout) {
   const bool avx512 = f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx2 && f.fma;
   switch (layout) {
     case WeightLayout::kBlockedF32: return avx512;
-    case WeightLayout::kBlockedBF16:
-    case WeightLayout::kBlockedInt8: return avx512 && f.avx512bf16;
+    case WeightLayout::kBlockedBF16: return avx512 && f.avx512bf16;
+    case WeightLayout::kBlockedInt8: return avx512 && f.avx512vnni;
     default: return false;
   }
 }
@@ -241,8 +363,8 @@ bool linear_cpu_supports(WeightLayout layout) {
 void linear_cpu(const LinearParams& p) {
   if (!linear_cpu_supports(p.layout))
     throw std::invalid_argument("llada_rt linear: this CPU lacks the instructions of weight layout " +
-                                std::to_string(static_cast<int>(p.layout)) + " (AVX-512F, and AVX-512 BF16 for the "
-                                "bf16 and int8 layouts)");
+                                std::to_string(static_cast<int>(p.layout)) + " (AVX-512F; AVX-512 BF16 for bf16, "
+                                "AVX-512 VNNI for int8)");
   if (p.layout == WeightLayout::kBlockedF32 && p.x_dtype != DType::kFloat32)
     throw std::invalid_argument("llada_rt linear: the fp32 weight layout takes fp32 activations");
   if (p.layout == WeightLayout::kBlockedBF16 && p.x_dtype != DType::kBFloat16)
@@ -254,35 +376,39 @@ void linear_cpu(const LinearParams& p) {
   if (p.M <= 0 || p.N <= 0) return;
   const int64_t panels = (p.N + kLinearPanelN - 1) / kLinearPanelN;
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(p.n_threads, panels)));
-  const bool f32 = p.layout == WeightLayout::kBlockedF32;
+  const bool f32 = p.layout == WeightLayout::kBlockedF32, int8 = p.layout == WeightLayout::kBlockedInt8;
   const int64_t K2 = (p.K + 1) / 2;
-  Job job{&p, p.x_ptr, p.x_stride, f32 ? p.K : K2};
-  // the bf16 kernels read x in k-pairs: fp32 x (int8 layout) is rounded to bf16, odd-K rows get a zero pad
-  const bool copy_x = !f32 && (p.x_dtype != DType::kBFloat16 || p.K % 2);
+  Job job{&p, p.x_ptr, p.x_stride, f32 ? p.K : K2, nullptr};
+  // the pair kernels read x in k-pairs: int8 quantizes x to int16 rows, bf16 pads odd-K rows with a zero
+  const bool copy_x = int8 || (!f32 && p.K % 2);
   static thread_local std::vector<uint16_t> x_buf;
+  static thread_local std::vector<float> x_scale_buf;
   if (copy_x) {
     job.x = grow(x_buf, static_cast<size_t>(p.M) * 2 * K2);
     job.ldx = 2 * K2;
   }
+  if (int8) job.x_scale = grow(x_scale_buf, static_cast<size_t>(p.M));
   const size_t elt = p.x_dtype == DType::kFloat32 ? 4 : 2;
 #pragma omp parallel num_threads(nt)
   {
     if (copy_x) {
 #pragma omp for schedule(static)
-      for (int m = 0; m < p.M; ++m)
-        x_row_to_bf16(const_cast<uint16_t*>(static_cast<const uint16_t*>(job.x)) + m * job.ldx,
-                      static_cast<const char*>(p.x_ptr) + m * p.x_stride * elt, p.x_dtype, p.K);
+      for (int m = 0; m < p.M; ++m) {
+        uint16_t* dst = const_cast<uint16_t*>(static_cast<const uint16_t*>(job.x)) + m * job.ldx;
+        const char* src = static_cast<const char*>(p.x_ptr) + m * p.x_stride * elt;
+        if (int8) x_row_to_int16(reinterpret_cast<int16_t*>(dst), const_cast<float*>(job.x_scale) + m, src, p.x_dtype, p.K);
+        else x_row_pad(dst, src, p.K);
+      }
     }
     static thread_local std::vector<float> c_buf;
-    static thread_local std::vector<uint16_t> deq_buf;
     float* c = grow(c_buf, static_cast<size_t>(p.M) * kLinearPanelN);
-    uint16_t* deq = p.layout == WeightLayout::kBlockedInt8
-                        ? grow(deq_buf, static_cast<size_t>(kPanelBlocks) * kChunkSteps * kPairElems) : nullptr;
     const int t = omp_get_thread_num(), n = omp_get_num_threads();
     // contiguous panel ranges: each thread streams its own part of the weight
-    for (int64_t panel = panels * t / n; panel < panels * (t + 1) / n; ++panel) {
-      if (f32) panel_f32(job, panel, c);
-      else panel_bf16(job, panel, c, deq);
+    const int64_t first = panels * t / n, end = panels * (t + 1) / n;
+    for (int64_t panel = first; panel < end; ++panel) {
+      if (f32) panel_f32(job, panel, end, c);
+      else if (int8) panel_int8(job, panel, end, c);
+      else panel_bf16(job, panel, end, c);
     }
   }
 }
