@@ -3,17 +3,9 @@
 #include "linear.cuh"
 
 namespace llada {
+
 namespace {
-
 void check(cudaError_t e, const char* what) { check_cuda(e, "linear", what); }
-
-int num_sms() {
-  int device = 0, sms = 0;
-  check(cudaGetDevice(&device), "cudaGetDevice");
-  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-  return sms;
-}
-
 }  // namespace
 
 void run_linear(const LinearParams& p, void* stream) {
@@ -21,7 +13,7 @@ void run_linear(const LinearParams& p, void* stream) {
   check_linear_cuda_params(p);
   if (p.M <= 0 || p.N <= 0) return;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  LinearSplit split = linear_split(p, num_sms());
+  LinearSplit split = linear_split(p, num_sms("linear"));
   if (split.n_splits > 1)  // stream-ordered workspace: capturable in a CUDA graph, recycled by the driver's pool
     check(cudaMallocAsync(reinterpret_cast<void**>(&split.partial), linear_split_floats(p, split) * sizeof(float), s),
           "cudaMallocAsync (split-K workspace)");

@@ -265,12 +265,13 @@ def cache_file() -> Path | None:
     root = Path(base) if base else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llada_rt"
     ops = _ops()
     so = Path(ops._C.__file__).stat()
-    ident = json.dumps([CACHE_VERSION, _cpu_name(), sorted(k for k, v in ops.cpu_features().items() if v),
+    ident = json.dumps([CACHE_VERSION, cpu_name(), sorted(k for k, v in ops.cpu_features().items() if v),
                         torch.__version__, so.st_size, so.st_mtime_ns])
     return root / f"linear_paths-{hashlib.sha1(ident.encode()).hexdigest()[:16]}.json"
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model name (/proc/cpuinfo), else what platform knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

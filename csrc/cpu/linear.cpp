@@ -7,6 +7,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -76,17 +77,30 @@ inline Prefetch next_chunk(const char* w, int64_t elt, int64_t step_elems, int64
   return pf;
 }
 
-// c (R x 64, row stride 64) = [c +] x (R rows, row stride ldx) . tile, over `steps` k-steps; the tile holds 4 blocks,
-// bs elements apart, each [steps][16] fp32.
+// The fp32 column sums of an R-row tile: from c (R x 64, row stride 64) or zero, and back into c.
 template <int R>
-LLADA_AVX512 void tile_f32(float* c, bool accumulate, const float* x, int64_t ldx, const float* w, int64_t bs,
-                           int steps, Prefetch& pf) {
-  __m512 acc[R][kPanelBlocks];
+LLADA_ALWAYS_INLINE LLADA_AVX512 void load_sums(__m512 (&acc)[R][kPanelBlocks], const float* c, bool accumulate) {
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int j = 0; j < kPanelBlocks; ++j)
       acc[r][j] = accumulate ? _mm512_loadu_ps(c + r * kLinearPanelN + 16 * j) : _mm512_setzero_ps();
+}
+template <int R>
+LLADA_ALWAYS_INLINE LLADA_AVX512 void store_sums(float* c, const __m512 (&acc)[R][kPanelBlocks]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < kPanelBlocks; ++j) _mm512_storeu_ps(c + r * kLinearPanelN + 16 * j, acc[r][j]);
+}
+
+// c (R x 64, row stride 64) = [c +] x (R rows, row stride ldx) . tile, over `steps` k-steps; the tile holds 4 blocks,
+// bs elements apart, each [steps][16] fp32.
+template <int R>
+LLADA_AVX512 void tile(float* c, bool accumulate, const float* x, int64_t ldx, const float* w, int64_t bs,
+                       int steps, Prefetch& pf) {
+  __m512 acc[R][kPanelBlocks];
+  load_sums<R>(acc, c, accumulate);
   for (int s = 0; s < steps; ++s) {
     pf.step();
     const float* ws = w + static_cast<int64_t>(s) * kStepElems;
@@ -101,23 +115,16 @@ LLADA_AVX512 void tile_f32(float* c, bool accumulate, const float* x, int64_t ld
       acc[r][3] = _mm512_fmadd_ps(xb, w3, acc[r][3]);
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < kPanelBlocks; ++j) _mm512_storeu_ps(c + r * kLinearPanelN + 16 * j, acc[r][j]);
+  store_sums<R>(c, acc);
 }
 
-// The bf16 twin of tile_f32: x rows are bf16 with an even number of elements, each block [steps][16][2] bf16; one
+// The bf16 twin of the fp32 tile: x rows are bf16 with an even number of elements, each block [steps][16][2] bf16; one
 // vdpbf16ps adds x[2s] w[2s] + x[2s+1] w[2s+1] to each of 16 column accumulators.
 template <int R>
-LLADA_AVX512_BF16 void tile_bf16(float* c, bool accumulate, const uint16_t* x, int64_t ldx, const uint16_t* w,
-                                 int64_t bs, int steps, Prefetch& pf) {
+LLADA_AVX512_BF16 void tile(float* c, bool accumulate, const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t bs,
+                            int steps, Prefetch& pf) {
   __m512 acc[R][kPanelBlocks];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < kPanelBlocks; ++j)
-      acc[r][j] = accumulate ? _mm512_loadu_ps(c + r * kLinearPanelN + 16 * j) : _mm512_setzero_ps();
+  load_sums<R>(acc, c, accumulate);
   for (int s = 0; s < steps; ++s) {
     pf.step();
     const uint16_t* ws = w + static_cast<int64_t>(s) * kPairElems;
@@ -132,17 +139,14 @@ LLADA_AVX512_BF16 void tile_bf16(float* c, bool accumulate, const uint16_t* x, i
       acc[r][3] = _mm512_dpbf16_ps(acc[r][3], xb, w3);
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < kPanelBlocks; ++j) _mm512_storeu_ps(c + r * kLinearPanelN + 16 * j, acc[r][j]);
+  store_sums<R>(c, acc);
 }
 
 // The int8 twin: x rows are int16 (x quantized per row), each block [steps][16][2] int8, sign-extended to int16 as
 // loaded; one vpdpwssd adds x[2s] q[2s] + x[2s+1] q[2s+1] exactly to each of 16 int32 column sums. steps <=
 // kInt32Steps, so the sums cannot overflow; they are added to the fp32 c at the end.
 template <int R>
-LLADA_AVX512_VNNI void tile_i8(float* c, bool accumulate, const int16_t* x, int64_t ldx, const int8_t* w, int64_t bs,
+LLADA_AVX512_VNNI void tile(float* c, bool accumulate, const int16_t* x, int64_t ldx, const int8_t* w, int64_t bs,
                                int steps, Prefetch& pf) {
   // int32 lanes as the builtin's own type: with __m512i (64-bit lanes) GCC 12 keeps these sums on the stack
   __v16si acc[R][kPanelBlocks];
@@ -179,7 +183,7 @@ LLADA_AVX512_VNNI void tile_i8(float* c, bool accumulate, const int16_t* x, int6
   }
 }
 
-template <class T, class Fn>
+template <class Fn>
 void dispatch_rows(int rows, Fn&& fn) {
   switch (rows) {
     case 1: return fn(std::integral_constant<int, 1>{});
@@ -211,62 +215,8 @@ void for_row_tiles(int M, Fn&& fn) {
   }
 }
 
-LLADA_AVX512 void panel_f32(const Job& job, int64_t panel, int64_t panel_end, float* c) {
-  const LinearParams& p = *job.p;
-  const float* x = static_cast<const float*>(job.x);
-  const int64_t bs = job.steps * kStepElems;
-  const float* w_panel = static_cast<const float*>(p.w_ptr) + panel * kPanelBlocks * bs;
-  for (int64_t s0 = 0; s0 < job.steps; s0 += kChunkSteps) {
-    const int cs = static_cast<int>(std::min<int64_t>(kChunkSteps, job.steps - s0));
-    const float* w = w_panel + s0 * kStepElems;
-    Prefetch pf = next_chunk(static_cast<const char*>(p.w_ptr), 4, kStepElems, job.steps, panel, panel_end, s0, p.M);
-    for_row_tiles(p.M, [&](int r0, int rows) {
-      dispatch_rows<float>(rows, [&](auto R) {
-        tile_f32<decltype(R)::value>(c + static_cast<int64_t>(r0) * kLinearPanelN, s0 > 0, x + r0 * job.ldx + s0,
-                                     job.ldx, w, bs, cs, pf);
-      });
-    });
-  }
-  float* out = static_cast<float*>(p.out_ptr);
-  for (int m = 0; m < p.M; ++m) {
-    for (int j = 0; j < kPanelBlocks; ++j) {
-      const int64_t n = panel * kLinearPanelN + 16 * j;
-      if (n >= p.N) break;
-      const __mmask16 mask = p.N - n >= 16 ? 0xffff : static_cast<__mmask16>((1u << (p.N - n)) - 1);
-      _mm512_mask_storeu_ps(out + m * p.out_stride + n, mask, _mm512_loadu_ps(c + m * kLinearPanelN + 16 * j));
-    }
-  }
-}
-
-LLADA_AVX512_BF16 void panel_bf16(const Job& job, int64_t panel, int64_t panel_end, float* c) {
-  const LinearParams& p = *job.p;
-  const uint16_t* x = static_cast<const uint16_t*>(job.x);
-  const int64_t bs = job.steps * kPairElems;
-  const uint16_t* w_panel = static_cast<const uint16_t*>(p.w_ptr) + panel * kPanelBlocks * bs;
-  for (int64_t s0 = 0; s0 < job.steps; s0 += kChunkSteps) {
-    const int cs = static_cast<int>(std::min<int64_t>(kChunkSteps, job.steps - s0));
-    Prefetch pf = next_chunk(static_cast<const char*>(p.w_ptr), 2, kPairElems, job.steps, panel, panel_end, s0, p.M);
-    for_row_tiles(p.M, [&](int r0, int rows) {
-      dispatch_rows<uint16_t>(rows, [&](auto R) {
-        tile_bf16<decltype(R)::value>(c + static_cast<int64_t>(r0) * kLinearPanelN, s0 > 0,
-                                      x + r0 * job.ldx + 2 * s0, job.ldx, w_panel + s0 * kPairElems, bs, cs, pf);
-      });
-    });
-  }
-  for (int m = 0; m < p.M; ++m) {
-    for (int j = 0; j < kPanelBlocks; ++j) {
-      const int64_t n = panel * kLinearPanelN + 16 * j;
-      if (n >= p.N) break;
-      const __mmask16 mask = p.N - n >= 16 ? 0xffff : static_cast<__mmask16>((1u << (p.N - n)) - 1);
-      const __m512 v = _mm512_loadu_ps(c + m * kLinearPanelN + 16 * j);
-      const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);  // round to nearest even, as torch rounds
-      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p.out_ptr) + m * p.out_stride + n, mask, h);
-    }
-  }
-}
-
-// fp32 -> bf16 bits, round to nearest even as torch rounds (NaN stays a quiet NaN), without the AVX512-BF16 instructions.
-LLADA_AVX512_VNNI __m256i to_bf16(__m512 v) {
+// fp32 -> bf16 bits, round to nearest even as torch rounds (NaN stays a quiet NaN), with AVX-512F alone.
+LLADA_AVX512 __m256i to_bf16(__m512 v) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
@@ -274,38 +224,62 @@ LLADA_AVX512_VNNI __m256i to_bf16(__m512 v) {
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
 }
 
-LLADA_AVX512_VNNI void panel_int8(const Job& job, int64_t panel, int64_t panel_end, float* c) {
-  const LinearParams& p = *job.p;
-  const int16_t* x = static_cast<const int16_t*>(job.x);
-  const int64_t bs = job.steps * kPairElems;
-  const int8_t* w_panel = static_cast<const int8_t*>(p.w_ptr) + panel * kPanelBlocks * bs;
-  for (int64_t s0 = 0; s0 < job.steps; s0 += kChunkSteps) {
-    const int cs = static_cast<int>(std::min<int64_t>(kChunkSteps, job.steps - s0));
-    Prefetch pf = next_chunk(static_cast<const char*>(p.w_ptr), 1, kPairElems, job.steps, panel, panel_end, s0, p.M);
-    for_row_tiles(p.M, [&](int r0, int rows) {
-      dispatch_rows<int8_t>(rows, [&](auto R) {
-        for (int i0 = 0; i0 < cs; i0 += kInt32Steps) {
-          const int64_t s = s0 + i0;
-          tile_i8<decltype(R)::value>(c + static_cast<int64_t>(r0) * kLinearPanelN, s > 0, x + r0 * job.ldx + 2 * s,
-                                      job.ldx, w_panel + s * kPairElems, bs, std::min(kInt32Steps, cs - i0), pf);
-        }
-      });
-    });
-  }
+// The panel's columns of out from its sums c (M x 64), times x_scale[m] scale[n] when x_scale is given (int8), in
+// x_dtype; columns past N are not written.
+LLADA_AVX512 void store_panel(const LinearParams& p, int64_t panel, const float* c, const float* x_scale) {
   for (int m = 0; m < p.M; ++m) {
-    const __m512 sx = _mm512_set1_ps(job.x_scale[m]);
     for (int j = 0; j < kPanelBlocks; ++j) {
       const int64_t n = panel * kLinearPanelN + 16 * j;
       if (n >= p.N) break;
       const __mmask16 mask = p.N - n >= 16 ? 0xffff : static_cast<__mmask16>((1u << (p.N - n)) - 1);
-      const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(c + m * kLinearPanelN + 16 * j), sx),
-                                     _mm512_maskz_loadu_ps(mask, p.scale_ptr + n));
+      __m512 v = _mm512_loadu_ps(c + m * kLinearPanelN + 16 * j);
+      if (x_scale)
+        v = _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(x_scale[m])), _mm512_maskz_loadu_ps(mask, p.scale_ptr + n));
       if (p.x_dtype == DType::kFloat32)
         _mm512_mask_storeu_ps(static_cast<float*>(p.out_ptr) + m * p.out_stride + n, mask, v);
       else
         _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p.out_ptr) + m * p.out_stride + n, mask, to_bf16(v));
     }
   }
+}
+
+// A layout as the panel loop sees it: element types of W and x, elements per block and k-step of W and of x, k-steps
+// per tile call (int8: the int32 sums are flushed every kInt32Steps); the tile kernel is the overload of tile<R> for
+// these pointer types, and int8 output is scaled.
+template <class W_, class X_, int kStepW_, int kStepX_, int kTileSteps_>
+struct Layout {
+  using W = W_;
+  using X = X_;
+  static constexpr int kStepW = kStepW_, kStepX = kStepX_, kTileSteps = kTileSteps_;
+  static constexpr bool kScaled = std::is_same<W, int8_t>::value;
+};
+using F32Layout = Layout<float, float, kStepElems, 1, kChunkSteps>;
+using BF16Layout = Layout<uint16_t, uint16_t, kPairElems, 2, kChunkSteps>;
+using Int8Layout = Layout<int8_t, int16_t, kPairElems, 2, kInt32Steps>;
+
+// One 64-column panel: its K-chunks in turn, each through every row tile (the next chunk prefetched meanwhile), then
+// the panel's columns of out.
+template <class L>
+void run_panel(const Job& job, int64_t panel, int64_t panel_end, float* c) {
+  const LinearParams& p = *job.p;
+  const typename L::X* x = static_cast<const typename L::X*>(job.x);
+  const int64_t bs = job.steps * L::kStepW;  // elements between the panel's blocks
+  const typename L::W* w_panel = static_cast<const typename L::W*>(p.w_ptr) + panel * kPanelBlocks * bs;
+  for (int64_t s0 = 0; s0 < job.steps; s0 += kChunkSteps) {
+    const int cs = static_cast<int>(std::min<int64_t>(kChunkSteps, job.steps - s0));
+    Prefetch pf = next_chunk(static_cast<const char*>(p.w_ptr), sizeof(typename L::W), L::kStepW, job.steps, panel,
+                             panel_end, s0, p.M);
+    for_row_tiles(p.M, [&](int r0, int rows) {
+      dispatch_rows(rows, [&](auto R) {
+        for (int i0 = 0; i0 < cs; i0 += L::kTileSteps) {
+          const int64_t s = s0 + i0;
+          tile<decltype(R)::value>(c + static_cast<int64_t>(r0) * kLinearPanelN, s > 0, x + r0 * job.ldx + L::kStepX * s,
+                                   job.ldx, w_panel + s * L::kStepW, bs, std::min(L::kTileSteps, cs - i0), pf);
+        }
+      });
+    });
+  }
+  store_panel(p, panel, c, L::kScaled ? job.x_scale : nullptr);
 }
 
 // 16 elements of an fp32 or bf16 row from k (masked past K) as fp32.
@@ -406,9 +380,9 @@ void linear_cpu(const LinearParams& p) {
     // contiguous panel ranges: each thread streams its own part of the weight
     const int64_t first = panels * t / n, end = panels * (t + 1) / n;
     for (int64_t panel = first; panel < end; ++panel) {
-      if (f32) panel_f32(job, panel, end, c);
-      else if (int8) panel_int8(job, panel, end, c);
-      else panel_bf16(job, panel, end, c);
+      if (f32) run_panel<F32Layout>(job, panel, end, c);
+      else if (int8) run_panel<Int8Layout>(job, panel, end, c);
+      else run_panel<BF16Layout>(job, panel, end, c);
     }
   }
 }
