@@ -367,39 +367,55 @@ def cpu_features() -> dict[str, bool]:
     return dict(_C.cpu_features())
 
 
+_LINEAR_PATH_OF = {c: p for p, c in LINEAR_LAYOUTS.items()}
+_LINEAR_SUPPORTED: dict[int, bool] = {}   # layout code -> this CPU runs it (cpuid does not change)
+
+
 def _check_linear_kernel(out, x, w, scale, layout) -> None:
+    # The checks are plain conditions and the messages are built only on failure: a small model calls this for every
+    # linear of every step, where formatting them each time cost several times the kernel.
     op = "linear"
-    path = next((p for p, c in LINEAR_LAYOUTS.items() if c == layout), None)
+    path = _LINEAR_PATH_OF.get(layout)
     _check(path is not None, op, f"unknown weight layout code {layout}")
-    _check(x.dim() == 2 and out.dim() == 2, op, f"x and out must be 2-D, got {tuple(x.shape)} and {tuple(out.shape)}")
+    if x.dim() != 2 or out.dim() != 2:
+        _check(False, op, f"x and out must be 2-D, got {tuple(x.shape)} and {tuple(out.shape)}")
     M, K = x.shape
     N = out.shape[1]
-    _check(out.shape[0] == M, op, f"out must have x's {M} rows, got {tuple(out.shape)}")
-    _check(x.dtype in _LINEAR_X_DTYPES[path], op, f"the {path} weights take activations in "
-           f"{[str(d).replace('torch.', '') for d in _LINEAR_X_DTYPES[path]]}, got x in {x.dtype}")
-    _check(out.dtype == x.dtype, op, f"out must have x's dtype {x.dtype}, got {out.dtype}")
-    _check(w.dtype == _LINEAR_TENSOR_DTYPES[path] and tuple(w.shape) == linear_weight_shape(path, N, K), op,
-           f"the {path} weight for (N, K) = ({N}, {K}) must be {_LINEAR_TENSOR_DTYPES[path]} "
-           f"{linear_weight_shape(path, N, K)}, got {w.dtype} {tuple(w.shape)}")
-    _check(w.is_contiguous(), op, "the weight must be contiguous (as llada_rt.linear.Linear builds it)")
-    if path in ("blocked_int8", "rows_int8"):
-        _check(scale is not None and scale.dtype == torch.float32 and tuple(scale.shape) == (N,)
-               and scale.is_contiguous(), op, f"int8 weights need float32 contiguous scales of shape ({N},)")
+    if out.shape[0] != M:
+        _check(False, op, f"out must have x's {M} rows, got {tuple(out.shape)}")
+    if x.dtype not in _LINEAR_X_DTYPES[path]:
+        _check(False, op, f"the {path} weights take activations in "
+               f"{[str(d).replace('torch.', '') for d in _LINEAR_X_DTYPES[path]]}, got x in {x.dtype}")
+    if out.dtype != x.dtype:
+        _check(False, op, f"out must have x's dtype {x.dtype}, got {out.dtype}")
+    if w.dtype != _LINEAR_TENSOR_DTYPES[path] or tuple(w.shape) != linear_weight_shape(path, N, K):
+        _check(False, op, f"the {path} weight for (N, K) = ({N}, {K}) must be {_LINEAR_TENSOR_DTYPES[path]} "
+               f"{linear_weight_shape(path, N, K)}, got {w.dtype} {tuple(w.shape)}")
+    if not w.is_contiguous():
+        _check(False, op, "the weight must be contiguous (as llada_rt.linear.Linear builds it)")
+    if path in ("blocked_int8", "rows_int8") and (scale is None or scale.dtype != torch.float32
+                                                  or tuple(scale.shape) != (N,) or not scale.is_contiguous()):
+        _check(False, op, f"int8 weights need float32 contiguous scales of shape ({N},)")
     for name, t in (("x", x), ("w", w), ("scale", scale)):
-        if t is not None:
-            _check(t.device == out.device, op, f"{name} is on {t.device} but out is on {out.device}")
-    _check(x.stride(1) == 1 and out.stride(1) == 1, op, f"x and out must have unit stride over their last dimension, "
-           f"got strides {x.stride()} and {out.stride()}")
-    _check(max(M, N, K) < 2**31, op, f"sizes must be < 2**31, got (M, N, K) = ({M}, {N}, {K})")
+        if t is not None and t.device != out.device:
+            _check(False, op, f"{name} is on {t.device} but out is on {out.device}")
+    if x.stride(1) != 1 or out.stride(1) != 1:
+        _check(False, op, f"x and out must have unit stride over their last dimension, got strides {x.stride()} and "
+               f"{out.stride()}")
+    if max(M, N, K) >= 2**31:
+        _check(False, op, f"sizes must be < 2**31, got (M, N, K) = ({M}, {N}, {K})")
     if out.is_cuda:
         _check(path == "rows_int8", op, f"the {path} weights are a CPU layout; on CUDA int8 weights are rows_int8")
-        _check(K % 16 == 0 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0, op,
-               f"the CUDA int8 kernel needs K % 16 == 0 and 16-byte aligned rows of x and W, got K = {K}, x row stride "
-               f"{x.stride(0)}")
+        if K % 16 or x.stride(0) % 8 or x.data_ptr() % 16 or w.data_ptr() % 16:
+            _check(False, op, f"the CUDA int8 kernel needs K % 16 == 0 and 16-byte aligned rows of x and W, got K = "
+                   f"{K}, x row stride {x.stride(0)}")
     else:
         _check(path != "rows_int8", op, "rows_int8 is the CUDA layout; on the CPU int8 weights are blocked_int8")
-        _check(_C.linear_cpu_supports(layout), op, f"this CPU lacks the instructions of the {path} kernel "
-               f"(cpu_features(): {cpu_features()}); build the Linear with a torch path instead")
+        if layout not in _LINEAR_SUPPORTED:
+            _LINEAR_SUPPORTED[layout] = _C.linear_cpu_supports(layout)
+        if not _LINEAR_SUPPORTED[layout]:
+            _check(False, op, f"this CPU lacks the instructions of the {path} kernel (cpu_features(): "
+                   f"{cpu_features()}); build the Linear with a torch path instead")
 
 
 def _linear_out_impl(out, x, w, scale, layout):
@@ -437,18 +453,21 @@ def linear(x: torch.Tensor, w, out: torch.Tensor | None = None) -> torch.Tensor:
     dequantises q exactly to bf16 for mma.sync with bf16 x, fp32 accumulation, times the column scale.
     """
     K, N = w.K, w.N
-    _check(x.shape[-1] == K, "linear", f"x has {x.shape[-1]} features (last dimension) but the weight takes K = {K}")
+    if x.shape[-1] != K:
+        _check(False, "linear", f"x has {x.shape[-1]} features (last dimension) but the weight takes K = {K}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K) if x.dim() != 2 else x                                  # (M, K), a view when contiguous
     if out is None:
         out = torch.empty((*lead, N), dtype=x.dtype, device=x.device)
-    _check(tuple(out.shape) == (*lead, N), "linear", f"out must have shape {(*lead, N)}, got {tuple(out.shape)}")
+    if out.shape[:-1] != lead or out.shape[-1] != N:
+        _check(False, "linear", f"out must have shape {(*lead, N)}, got {tuple(out.shape)}")
     out2 = out.view(-1, N) if out.dim() != 2 else out                            # (M, N)
     if w.path in ("torch_nk", "torch_kn"):
         t = w.tensor
-        _check(x.dtype == t.dtype and out.dtype == t.dtype, "linear", f"the weight is {t.dtype}; x and out must be "
-               f"too, got {x.dtype} and {out.dtype}")
-        _check(t.device == x.device, "linear", f"the weight is on {t.device} but x is on {x.device}")
+        if x.dtype != t.dtype or out.dtype != t.dtype:
+            _check(False, "linear", f"the weight is {t.dtype}; x and out must be too, got {x.dtype} and {out.dtype}")
+        if t.device != x.device:
+            _check(False, "linear", f"the weight is on {t.device} but x is on {x.device}")
         torch.mm(x2, t.t() if w.path == "torch_nk" else t, out=out2)
     elif w.path in LINEAR_LAYOUTS:
         torch.ops.llada_rt.linear_out(out2, x2, w.tensor, w.scale, LINEAR_LAYOUTS[w.path])
