@@ -81,7 +81,9 @@ class Linear:
         _require_path(path, q.device)
         N, K = q.shape
         return cls(path=path, tensor=_pack(q, path), N=N, K=K,
-                   scale=scale.to(device=q.device, dtype=torch.float32).contiguous(), reason="int8")
+                   scale=scale.to(device=q.device, dtype=torch.float32).contiguous(),
+                   reason="int8 weights: the CUDA mma.sync kernel" if path == "rows_int8" else
+                   "int8 weights: the AVX512-VNNI kernel (x as int16 per row)")
 
     @property
     def device(self) -> torch.device:
