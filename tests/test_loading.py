@@ -77,9 +77,9 @@ def test_weights_load_single_and_sharded(fixture, request):
         ref.update(load_file(str(f)))
     assert set(ref) == set(expected_shapes(cfg))
     q = ref["model.transformer.blocks.1.q_proj.weight"].to(torch.bfloat16)
-    assert torch.equal(w.layers[1].wqkv[: q.shape[0]], q)
+    assert torch.equal(w.layers[1].wqkv.dense()[: q.shape[0]], q)
     up = ref["model.transformer.blocks.0.up_proj.weight"].to(torch.bfloat16)
-    assert torch.equal(w.layers[0].w_gate_up[cfg.mlp_hidden_size:], up)
+    assert torch.equal(w.layers[0].w_gate_up.dense()[cfg.mlp_hidden_size:], up)
     assert w.dtype == torch.bfloat16 and w.num_parameters() == sum(t.numel() for t in ref.values())
 
 
