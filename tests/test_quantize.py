@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -107,15 +108,15 @@ def test_int8_forward_close_to_float(float_ckpt, int8_ckpt):
 def test_cli_quantize(float_ckpt, tmp_path):
     dst = tmp_path / "q"
     r = subprocess.run([sys.executable, "-m", "llada_rt.cli", "quantize", str(float_ckpt), str(dst)],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, cwd=tempfile.gettempdir())
     print(r.stdout, r.stderr)
     assert r.returncode == 0 and load_config(dst).quantization == "int8"
     again = subprocess.run([sys.executable, "-m", "llada_rt.cli", "quantize", str(float_ckpt), str(dst)],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, cwd=tempfile.gettempdir())
     print(again.stderr)
     assert again.returncode != 0 and "not empty" in again.stderr
     twice = subprocess.run([sys.executable, "-m", "llada_rt.cli", "quantize", str(dst), str(tmp_path / "qq")],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, cwd=tempfile.gettempdir())
     print(twice.stderr)
     assert twice.returncode != 0 and "already quantized (int8)" in twice.stderr
 
