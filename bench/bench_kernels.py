@@ -1,6 +1,7 @@
 """Per-op kernel benchmarks: median us and GB/s next to the torch baseline, one fixed-width line per config.
 
-    python bench/bench_kernels.py [--device cpu|cuda] [--ops confidence,remask] [--iters 30]
+    python bench/bench_kernels.py [--device cpu|cuda] [--ops confidence,remask,attention,rms_norm,rope,silu_mul]
+                                  [--iters 30]
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 
 import torch
 
-from llada_rt import ops
+from llada_rt import ops, reference
 
 _L2_FLUSH: dict[torch.device, torch.Tensor] = {}
 
@@ -116,23 +117,121 @@ def _rate(work: int, us: float) -> str:
 
 
 def attention_rows(device: torch.device):
-    """Bidirectional attention, FLOPs = 4 B Hq Lq Lk D; baseline: torch SDPA on the same tensors without a mask."""
-    shapes = [(1, 32, 1024, 32, 32, 128), (1, 256, 1024, 8, 8, 128), (4, 64, 512, 16, 4, 64), (1, 1, 8192, 32, 32, 128)]
+    """Bidirectional attention, FLOPs = 4 B Hq Lq Lk D; baseline: torch SDPA on the same tensors without a mask (ours
+    also applies per-row key ranges). CPU shapes: the shipped model's (H 2, D 64) and LLaDA-8B's (H 32, D 128)."""
     if device.type == "cuda":
-        shapes += [(1, 32, 4096, 32, 32, 128), (1, 4096, 4096, 32, 32, 128), (8, 256, 2048, 32, 8, 128)]
-    for B, Lq, Lk, Hq, Hkv, D in shapes:
-        q = torch.randn(B, Lq, Hq, D, dtype=torch.bfloat16, device=device)
-        k = torch.randn(B, Lk, Hkv, D, dtype=torch.bfloat16, device=device)
-        v = torch.randn(B, Lk, Hkv, D, dtype=torch.bfloat16, device=device)
-        key_start = torch.zeros(B, dtype=torch.int32, device=device)
-        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)       # (B, H, L, D) views
-        yield "attention", f"B={B:<2} Lq={Lq:<5} Lk={Lk:<5} H={Hq}/{Hkv:<3} D={D}", Flops(4 * B * Hq * Lq * Lk * D), [
-            ("llada_rt", lambda: ops.attention(q, k, v, key_start)),
-            ("torch sdpa", lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, enable_gqa=Hq != Hkv)),
+        shapes = [(1, 32, 1024, 32, 32, 128), (1, 256, 1024, 8, 8, 128), (4, 64, 512, 16, 4, 64),
+                  (1, 1, 8192, 32, 32, 128), (1, 32, 4096, 32, 32, 128), (1, 4096, 4096, 32, 32, 128),
+                  (8, 256, 2048, 32, 8, 128)]
+        dtypes = [torch.bfloat16]
+    else:
+        shapes = [(1, 32, 40, 2, 2, 64), (4, 64, 100, 2, 2, 64), (8, 160, 170, 2, 2, 64),
+                  (1, 32, 512, 32, 32, 128), (1, 32, 2048, 32, 32, 128), (1, 512, 512, 32, 32, 128),
+                  (1, 2048, 2048, 32, 32, 128)]
+        dtypes = [torch.float32, torch.bfloat16]
+    for dtype in dtypes:
+        for B, Lq, Lk, Hq, Hkv, D in shapes:
+            q = torch.randn(B, Lq, Hq, D, dtype=dtype, device=device)
+            k = torch.randn(B, Lk, Hkv, D, dtype=dtype, device=device)
+            v = torch.randn(B, Lk, Hkv, D, dtype=dtype, device=device)
+            out = torch.empty_like(q)
+            key_start = torch.zeros(B, dtype=torch.int32, device=device)
+            qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, H, L, D) views
+            config = f"B={B:<2} Lq={Lq:<5} Lk={Lk:<5} H={Hq}/{Hkv:<3} D={D} {_dtype_name(dtype):<8}"
+            yield "attention", config, Flops(4 * B * Hq * Lq * Lk * D), [
+                ("llada_rt", lambda: ops.attention(q, k, v, key_start, out=out)),
+                ("torch sdpa", lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt,
+                                                                                        enable_gqa=Hq != Hkv)),
+            ]
+    # 8 requests in slots of a 16-row persistent cache: ours reads the slots in place, SDPA needs them gathered
+    R, B, Lq, Lk, H, D = 16, 8, 32, 170, 2, 64
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q = torch.randn(B, Lq, H, D, dtype=dtype, device=device)
+    cache_k = torch.randn(R, Lk, H, D, dtype=dtype, device=device)
+    cache_v = torch.randn(R, Lk, H, D, dtype=dtype, device=device)
+    kv_rows = torch.randperm(R, device=device)[:B].to(torch.int32)
+    out = torch.empty_like(q)
+
+    def sdpa_gathered():
+        k, v = cache_k.index_select(0, kv_rows), cache_v.index_select(0, kv_rows)   # (B, Lk, H, D)
+        return torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                                v.transpose(1, 2))
+
+    yield "attention", f"B={B:<2} Lq={Lq:<5} Lk={Lk:<5} H={H}/{H:<3} D={D} kv_rows of R={R} {_dtype_name(dtype)}", \
+        Flops(4 * B * H * Lq * Lk * D), [
+            ("llada_rt", lambda: ops.attention(q, cache_k, cache_v, kv_rows=kv_rows, out=out)),
+            ("torch index_select+sdpa", sdpa_gathered),
         ]
 
 
-ROWS = {"confidence": confidence_rows, "remask": remask_rows, "attention": attention_rows}
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _per_layer_shapes():
+    """(rows, width, dtype) of the per-layer elementwise ops: the shipped model's step (8 x 160 rows of d 128, MLP
+    384) and LLaDA-8B's (a 32-row block and a 2048-row refresh, d 4096, MLP 12288)."""
+    return [(1280, 128, 384, torch.float32), (32, 4096, 12288, torch.bfloat16), (2048, 4096, 12288, torch.bfloat16),
+            (32, 4096, 12288, torch.float32)]
+
+
+def _torch_on_cuda(op: str, device: torch.device) -> bool:
+    """On CUDA ops.<op> is the torch composition itself (ops.py): there is nothing of ours to time; says so."""
+    if device.type == "cuda":
+        print(f"{op:<10} skipped: on CUDA ops.{op} runs the torch composition, the baseline itself")
+    return device.type == "cuda"
+
+
+def rms_norm_rows(device: torch.device):
+    """Bytes: x read + out written (+ the weight); baseline: LLaDA's torch composition (reference.rms_norm)."""
+    if _torch_on_cuda("rms_norm", device):
+        return
+    for rows, d, _, dtype in _per_layer_shapes():
+        x = torch.randn(rows, d, dtype=dtype, device=device)
+        weight = torch.rand(d, dtype=dtype, device=device) + 0.5
+        out = torch.empty_like(x)
+        yield "rms_norm", f"rows={rows:<5} d={d:<5} {_dtype_name(dtype):<8}", (2 * rows + 1) * d * x.element_size(), [
+            ("llada_rt", lambda: ops.rms_norm(x, weight, 1e-5, out=out)),
+            ("torch", lambda: reference.rms_norm(x, weight, 1e-5)),
+        ]
+
+
+def rope_rows(device: torch.device):
+    """q (B, S, H, D) as a view of the fused qkv output, rotated in place; bytes: q read and written + the table rows;
+    baseline: LLaDA's torch composition with the table gathered per position (reference.rope)."""
+    if _torch_on_cuda("rope", device):
+        return
+    for B, S, H, D, dtype in [(8, 160, 2, 64, torch.float32), (1, 32, 32, 128, torch.bfloat16),
+                              (1, 2048, 32, 128, torch.bfloat16)]:
+        P = 4096
+        inv_freq = 1.0 / (500000.0 ** (torch.arange(0, D, 2, dtype=torch.float32, device=device) / D))
+        freqs = torch.arange(P, dtype=torch.float32, device=device)[:, None] * inv_freq        # (P, D/2)
+        cos, sin = freqs.cos(), freqs.sin()
+        qkv = torch.randn(B, S, 3 * H, D, dtype=dtype, device=device)
+        q = qkv[:, :, :H]                                                                     # (B, S, H, D) view
+        positions = torch.arange(S, device=device).expand(B, S)
+        nbytes = 2 * q.numel() * q.element_size() + B * S * D * 4
+        yield "rope", f"B={B:<2} S={S:<5} H={H:<3} D={D} {_dtype_name(dtype):<8}", nbytes, [
+            ("llada_rt", lambda: ops.rope(q, positions, cos, sin, True, out=q)),
+            ("torch", lambda: reference.rope(q, positions, cos, sin, True)),
+        ]
+
+
+def silu_mul_rows(device: torch.device):
+    """Bytes: gate_up read + out written; baseline: F.silu(gate) * up (reference.silu_mul)."""
+    if _torch_on_cuda("silu_mul", device):
+        return
+    for rows, _, F, dtype in _per_layer_shapes():
+        gate_up = torch.randn(rows, 2 * F, dtype=dtype, device=device)
+        out = torch.empty(rows, F, dtype=dtype, device=device)
+        yield "silu_mul", f"rows={rows:<5} F={F:<5} {_dtype_name(dtype):<8}", 3 * rows * F * gate_up.element_size(), [
+            ("llada_rt", lambda: ops.silu_mul(gate_up, out=out)),
+            ("torch", lambda: reference.silu_mul(gate_up)),
+        ]
+
+
+ROWS = {"confidence": confidence_rows, "remask": remask_rows, "attention": attention_rows, "rms_norm": rms_norm_rows,
+        "rope": rope_rows, "silu_mul": silu_mul_rows}
 
 
 def main() -> None:

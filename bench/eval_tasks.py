@@ -100,12 +100,12 @@ def table(results: list[tuple[str, dict]], counts: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
-def write_results(text: str) -> None:
-    """Replaces the task-suite section of RESULTS.md (between the markers), keeping every other section."""
+def write_results(text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replaces one section of RESULTS.md (between the markers; by default the task suite's), keeping the others."""
     old = RESULTS.read_text() if RESULTS.is_file() else "# Results\n"
-    block = f"{BEGIN}\n{text.rstrip()}\n{END}"
-    if BEGIN in old and END in old:
-        new = old[:old.index(BEGIN)] + block + old[old.index(END) + len(END):]
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
     else:
         new = old.rstrip() + "\n\n" + block + "\n"
     RESULTS.write_text(new)

@@ -1,4 +1,5 @@
 // PYBIND11_MODULE(_C): one function per op and device, taking integer pointers, sizes and a stream; releases the GIL.
+#include "cpu/vec.h"
 #include "params.h"
 
 namespace py = pybind11;
@@ -38,6 +39,48 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release nogil;
     advance_cpu(p);
   }, LLADA_ADVANCE_ARGS);
+  m.def("rms_norm_cpu", [](uintptr_t out, int64_t out_row_stride, uintptr_t x, int64_t x_row_stride,
+                           uintptr_t weight, int64_t M, int d, float eps, int dtype) {
+    RmsNormParams p = rms_norm_params(out, out_row_stride, x, x_row_stride, weight, M, d, eps, dtype);
+    py::gil_scoped_release nogil;
+    rms_norm_cpu(p);
+  }, LLADA_RMS_NORM_ARGS);
+
+  m.def("rope_cpu", [](uintptr_t out, uintptr_t x, std::vector<int64_t> strides, uintptr_t positions, uintptr_t cos,
+                       uintptr_t sin, int64_t P, int B, int S, int H, int D, bool full_precision, int dtype) {
+    RopeParams p = rope_params(out, x, strides, positions, cos, sin, P, B, S, H, D, full_precision, dtype);
+    py::gil_scoped_release nogil;
+    return rope_cpu(p);
+  }, LLADA_ROPE_ARGS, "-1, or the flat (b * S + s) index of the first position outside the table (nothing written)");
+
+  m.def("silu_mul_cpu", [](uintptr_t out, int64_t out_row_stride, uintptr_t gate_up, int64_t gate_up_row_stride,
+                           int64_t M, int F, int dtype) {
+    SiluMulParams p = silu_mul_params(out, out_row_stride, gate_up, gate_up_row_stride, M, F, dtype);
+    py::gil_scoped_release nogil;
+    silu_mul_cpu(p);
+  }, LLADA_SILU_MUL_ARGS);
+
+  m.def("attention_cpu", [](uintptr_t o, uintptr_t q, uintptr_t k, uintptr_t v, std::vector<int64_t> strides,
+                            uintptr_t key_start, uintptr_t key_end, uintptr_t kv_rows, int B, int Lq, int Lk, int Hq,
+                            int Hkv, int D, int R, float scale, int dtype) {
+    AttentionParams p = attention_params(o, q, k, v, strides, key_start, key_end, kv_rows, B, Lq, Lk, Hq, Hkv, D, R,
+                                         scale, dtype);
+    py::gil_scoped_release nogil;
+    return attention_cpu(p);
+  }, LLADA_ATTENTION_ARGS, "-1, or the first b whose kv_rows[b] is outside [0, R) (nothing written)");
+
+  m.attr("cpu_isas") = std::vector<std::string>(std::begin(cpu::kIsaNames), std::end(cpu::kIsaNames));
+  m.def("set_cpu_isa", [](const std::string& name) {
+    int i = 0;
+    while (i < 3 && name != cpu::kIsaNames[i]) ++i;
+    if (i == 3)
+      throw std::invalid_argument("llada_rt: unknown instruction set '" + name + "'; use avx512, avx2 or baseline");
+    const cpu::Isa previous = cpu::isa_limit().exchange(static_cast<cpu::Isa>(i));
+    return std::string(cpu::kIsaNames[static_cast<int>(previous)]);
+  }, py::arg("name"),
+     "limits the instruction set of the rms_norm, rope, silu_mul and attention CPU kernels; returns the previous one");
+  m.def("cpu_isa", [] { return std::string(cpu::kIsaNames[static_cast<int>(cpu::active_isa())]); },
+        "the instruction set the rms_norm, rope, silu_mul and attention CPU kernels run with now");
 
 #if defined(LLADA_WITH_CUDA)
   m.def("advance_cuda", [](std::vector<uintptr_t> state, int64_t canvas_stride, int B, int N, int64_t mask_id,
@@ -67,9 +110,10 @@ PYBIND11_MODULE(_C, m) {
   }, LLADA_REMASK_ARGS, py::arg("stream"));
 
   m.def("attention_cuda", [](uintptr_t o, uintptr_t q, uintptr_t k, uintptr_t v, std::vector<int64_t> strides,
-                             uintptr_t key_start, uintptr_t key_end, int B, int Lq, int Lk, int Hq, int Hkv, int D,
-                             float scale, int dtype, uintptr_t stream) {
-    AttentionParams p = attention_params(o, q, k, v, strides, key_start, key_end, B, Lq, Lk, Hq, Hkv, D, scale, dtype);
+                             uintptr_t key_start, uintptr_t key_end, uintptr_t kv_rows, int B, int Lq, int Lk, int Hq,
+                             int Hkv, int D, int R, float scale, int dtype, uintptr_t stream) {
+    AttentionParams p = attention_params(o, q, k, v, strides, key_start, key_end, kv_rows, B, Lq, Lk, Hq, Hkv, D, R,
+                                         scale, dtype);
     py::gil_scoped_release nogil;
     run_attention(p, reinterpret_cast<void*>(stream));
   }, LLADA_ATTENTION_ARGS, py::arg("stream"));

@@ -10,6 +10,9 @@
 #include "attention.h"
 #include "confidence.h"
 #include "remask.h"
+#include "rms_norm.h"
+#include "rope.h"
+#include "silu_mul.h"
 
 namespace llada::bind {
 
@@ -68,7 +71,8 @@ inline RemaskParams remask_params(uintptr_t canvas, int64_t canvas_b_stride, uin
 // strides: 12 element strides in the order o(b,l,h), q(b,l,h), k(b,l,h), v(b,l,h)
 inline AttentionParams attention_params(uintptr_t o, uintptr_t q, uintptr_t k, uintptr_t v,
                                         const std::vector<int64_t>& strides, uintptr_t key_start, uintptr_t key_end,
-                                        int B, int Lq, int Lk, int Hq, int Hkv, int D, float scale, int dtype) {
+                                        uintptr_t kv_rows, int B, int Lq, int Lk, int Hq, int Hkv, int D, int R,
+                                        float scale, int dtype) {
   if (strides.size() != 12) throw std::invalid_argument("llada_rt: attention expects 12 strides");
   AttentionParams p{};
   p.o_ptr = ptr<void>(o); p.q_ptr = ptr<const void>(q); p.k_ptr = ptr<const void>(k); p.v_ptr = ptr<const void>(v);
@@ -78,7 +82,45 @@ inline AttentionParams attention_params(uintptr_t o, uintptr_t q, uintptr_t k, u
   p.v_b_stride = strides[9]; p.v_l_stride = strides[10]; p.v_h_stride = strides[11];
   p.key_start_ptr = ptr<const int32_t>(key_start);
   p.key_end_ptr = ptr<const int32_t>(key_end);
-  p.B = B; p.Lq = Lq; p.Lk = Lk; p.Hq = Hq; p.Hkv = Hkv; p.D = D; p.scale = scale;
+  p.kv_rows_ptr = ptr<const int32_t>(kv_rows);
+  p.B = B; p.Lq = Lq; p.Lk = Lk; p.Hq = Hq; p.Hkv = Hkv; p.D = D; p.R = R; p.scale = scale;
+  p.dtype = dtype_from_int(dtype);
+  return p;
+}
+
+inline RmsNormParams rms_norm_params(uintptr_t out, int64_t out_row_stride, uintptr_t x, int64_t x_row_stride,
+                                     uintptr_t weight, int64_t M, int d, float eps, int dtype) {
+  RmsNormParams p{};
+  p.out_ptr = ptr<void>(out); p.x_ptr = ptr<const void>(x); p.weight_ptr = ptr<const void>(weight);
+  p.out_row_stride = out_row_stride; p.x_row_stride = x_row_stride;
+  p.M = M; p.d = d; p.eps = eps;
+  p.dtype = dtype_from_int(dtype);
+  return p;
+}
+
+// strides: 8 element strides in the order out(b,s,h), x(b,s,h), positions(b,s)
+inline RopeParams rope_params(uintptr_t out, uintptr_t x, const std::vector<int64_t>& strides, uintptr_t positions,
+                              uintptr_t cos, uintptr_t sin, int64_t P, int B, int S, int H, int D,
+                              bool full_precision, int dtype) {
+  if (strides.size() != 8) throw std::invalid_argument("llada_rt: rope expects 8 strides");
+  RopeParams p{};
+  p.out_ptr = ptr<void>(out); p.x_ptr = ptr<const void>(x);
+  p.out_b_stride = strides[0]; p.out_s_stride = strides[1]; p.out_h_stride = strides[2];
+  p.x_b_stride = strides[3]; p.x_s_stride = strides[4]; p.x_h_stride = strides[5];
+  p.positions_ptr = ptr<const int64_t>(positions); p.pos_b_stride = strides[6]; p.pos_s_stride = strides[7];
+  p.cos_ptr = ptr<const float>(cos); p.sin_ptr = ptr<const float>(sin);
+  p.P = P; p.B = B; p.S = S; p.H = H; p.D = D;
+  p.full_precision = full_precision;
+  p.dtype = dtype_from_int(dtype);
+  return p;
+}
+
+inline SiluMulParams silu_mul_params(uintptr_t out, int64_t out_row_stride, uintptr_t gate_up,
+                                     int64_t gate_up_row_stride, int64_t M, int F, int dtype) {
+  SiluMulParams p{};
+  p.out_ptr = ptr<void>(out); p.gate_up_ptr = ptr<const void>(gate_up);
+  p.out_row_stride = out_row_stride; p.gate_up_row_stride = gate_up_row_stride;
+  p.M = M; p.F = F;
   p.dtype = dtype_from_int(dtype);
   return p;
 }
@@ -93,8 +135,18 @@ inline AttentionParams attention_params(uintptr_t o, uintptr_t q, uintptr_t k, u
       py::arg("factor")
 #define LLADA_ATTENTION_ARGS                                                                                       \
   py::arg("o"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("strides"), py::arg("key_start"),               \
-      py::arg("key_end"), py::arg("B"), py::arg("Lq"), py::arg("Lk"), py::arg("Hq"), py::arg("Hkv"), py::arg("D"), \
-      py::arg("scale"), py::arg("dtype")
+      py::arg("key_end"), py::arg("kv_rows"), py::arg("B"), py::arg("Lq"), py::arg("Lk"), py::arg("Hq"),            \
+      py::arg("Hkv"), py::arg("D"), py::arg("R"), py::arg("scale"), py::arg("dtype")
+#define LLADA_RMS_NORM_ARGS                                                                                       \
+  py::arg("out"), py::arg("out_row_stride"), py::arg("x"), py::arg("x_row_stride"), py::arg("weight"),           \
+      py::arg("M"), py::arg("d"), py::arg("eps"), py::arg("dtype")
+#define LLADA_ROPE_ARGS                                                                                           \
+  py::arg("out"), py::arg("x"), py::arg("strides"), py::arg("positions"), py::arg("cos"), py::arg("sin"),       \
+      py::arg("P"), py::arg("B"), py::arg("S"), py::arg("H"), py::arg("D"), py::arg("full_precision"),            \
+      py::arg("dtype")
+#define LLADA_SILU_MUL_ARGS                                                                                       \
+  py::arg("out"), py::arg("out_row_stride"), py::arg("gate_up"), py::arg("gate_up_row_stride"), py::arg("M"),   \
+      py::arg("F"), py::arg("dtype")
 
 // state: 13 pointers in the order of AdvanceParams (status, canvas, slots, block_start, step, nsteps, k, spb,
 // prompt_len, length, rule, early_stop, filled)

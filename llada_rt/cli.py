@@ -1,4 +1,4 @@
-"""The llada-rt command: generate, chat, bench and info on a LLaDA checkpoint (the shipped small model by default)."""
+"""The llada-rt command: generate, chat, bench, serve and info on a LLaDA checkpoint (the shipped small model by default)."""
 from __future__ import annotations
 
 import argparse
@@ -76,7 +76,7 @@ def _options(args) -> dict:
     return {f.name: getattr(args, f.name) for f in _generation_fields() if getattr(args, f.name, None) is not None}
 
 
-def _load(args):
+def _load(args, **runtime_options):
     import torch
 
     from . import Runtime
@@ -88,7 +88,7 @@ def _load(args):
         raise UsageError("--device cuda: torch sees no CUDA GPU on this machine; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
-    return Runtime(args.model, device=args.device, dtype=args.dtype)
+    return Runtime(args.model, device=args.device, dtype=args.dtype, **runtime_options)
 
 
 def _decode(data: bytes, source: str) -> str:
@@ -260,6 +260,47 @@ def cmd_bench(args) -> int:
         return int(e.code or 0)
 
 
+def cmd_eval(args) -> int:
+    """lm-eval-harness's `run` with the llada_rt model registered and llada_rt's local tasks on the include path."""
+    try:
+        from .lm_eval_model import run_cli
+    except ImportError as e:
+        raise UsageError(f"lm-eval is not installed ({e}); install it with: pip install 'llada_rt[eval]'") from None
+    argv = list(args.lm_eval_args)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise UsageError("no lm-eval options; e.g. llada-rt eval --tasks llada_rt --apply_chat_template")
+    return run_cli(argv, model=args.model, device=args.device, dtype=args.dtype, threads=args.threads)
+def cmd_serve(args) -> int:
+    """The OpenAI-compatible server (llada_rt.serve) on the engine; runs until SIGTERM (drains) or Ctrl-C."""
+    try:
+        from .serve import ServeSettings, run
+    except ImportError as e:
+        raise UsageError(f"llada-rt serve needs the serve extra ({e.name} is not installed): "
+                         "pip install 'llada_rt[serve]'") from None
+    if args.max_rows < 1 or args.max_queue < 0:
+        raise UsageError(f"--max-rows must be >= 1 and --max-queue >= 0, got {args.max_rows} and {args.max_queue}")
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be in 1..65535, got {args.port}")
+    from .serve.protocol import APIError, parse_request
+
+    rt = _load(args, backend=args.backend, max_rows=args.max_rows)
+    defaults = _options(args)
+    max_tokens = defaults.pop("gen_length", None) or rt.make_config({}).gen_length
+    settings = ServeSettings(model_name=args.served_model_name or rt.path.name, max_rows=args.max_rows,
+                             max_queue=args.max_queue, defaults=defaults, max_tokens=max_tokens)
+    try:   # bad server defaults fail now, not in every request: a request that sets nothing
+        parse_request("completion", {"model": settings.model_name, "prompt": [rt.tokenizer.eos_id]}, rt, settings)
+    except APIError as e:
+        raise UsageError(f"the server's default generation options cannot run: {e.message}") from None
+    print(f"llada-rt serve: model {settings.model_name!r} ({rt}, backend {args.backend}) at "
+          f"http://{args.host}:{args.port}/v1, {args.max_rows} rows, queue {args.max_queue}", file=sys.stderr,
+          flush=True)
+    run(rt, settings, host=args.host, port=args.port, log_level=args.log_level)
+    return EXIT_OK
+
+
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -373,6 +414,34 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     b.set_defaults(func=cmd_bench)
 
+    e = sub.add_parser("eval", parents=[common], help="lm-eval-harness with llada_rt (and its local tasks)",
+                       description="lm-eval's `run` with --model llada_rt, llada_rt's local tasks (llada_rt, "
+                                   "llada_rt_heldout, llada_rt_capitals) on the include path and --batch_size auto; "
+                                   "llada-rt's options (--model, --device, --dtype, --threads) come first, then "
+                                   "lm-eval's (`lm-eval run --help`), e.g. --tasks llada_rt --apply_chat_template "
+                                   "--model_args mode=dual,threshold=0.9 --limit 20.")
+    e.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="lm-eval run options")
+    e.set_defaults(func=cmd_eval)
+    s = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server (needs the serve extra)",
+                       description="POST /v1/completions and /v1/chat/completions (JSON or server-sent events), "
+                                   "GET /v1/models, /health, /metrics, with continuous batching on the engine. The "
+                                   "generation options are the server's defaults for requests that do not set them; "
+                                   "--gen-length is the default max_tokens. SIGTERM stops taking requests and "
+                                   "finishes those in flight.")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    s.add_argument("--max-rows", type=int, default=16, metavar="N", help="requests denoised at once (default: 16)")
+    s.add_argument("--max-queue", type=int, default=64, metavar="M",
+                   help="requests waiting for a row; beyond, 429 with Retry-After (default: 64)")
+    s.add_argument("--backend", default="ops", choices=["ops", "torch"],
+                   help="ops: the compiled kernels (default); torch: reference.py (slow; for comparisons)")
+    s.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model id of /v1/models and requests (default: the checkpoint directory's name)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default: info)")
+    _add_generation_options(s)
+    s.set_defaults(func=cmd_serve)
+
     i = sub.add_parser("info", parents=[common], help="checkpoint summary",
                        description="Architecture, parameter count, dtype, size on disk and special token ids.")
     i.add_argument("--json", action="store_true", help="print a JSON object")
@@ -476,9 +545,10 @@ def _main(argv) -> int:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
         if extra:
-            if args.command != "bench":
+            if args.command not in ("bench", "eval"):
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")
-            args.bench_args = extra + list(args.bench_args)  # bench_generate.py's own options
+            passed_on = "bench_args" if args.command == "bench" else "lm_eval_args"  # the benchmark's / lm-eval's
+            setattr(args, passed_on, extra + list(getattr(args, passed_on)))
         command, debug = f" {args.command}", debug or args.debug
         code = args.func(args)
         sys.stdout.flush()   # here, so that a closed pipe is reported as one, not at interpreter exit

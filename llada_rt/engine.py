@@ -276,7 +276,7 @@ class Engine:
         t0 = self.timer.start()
         if graph:
             self.graphs.run((mode, phase_name, N, cfg, Bb, S, M), lambda: self.ws.version,
-                            lambda: self._device_step(plan), plan["slots"], self.st.scratch)
+                            lambda: self._device_step(plan), [plan["slots"], plan["slots32"]], self.st.scratch)
         else:
             self._device_step(plan)
         self.timer.stop("refresh" if phase.window == "all" and mode != "exact" else
@@ -289,15 +289,18 @@ class Engine:
         that get logits) and rowsel (M,) (their batch row)."""
         g = self.ws.get
         p = dict(B=Bb, S=S, N=N, M=M, phase=phase, cfg=cfg,
-                 slots=g("eng.slots", (Bb,), torch.int64), sel=g("eng.sel", (M,), torch.int64),
+                 slots=g("eng.slots", (Bb,), torch.int64), slots32=g("eng.slots32", (Bb,), torch.int32),
+                 sel=g("eng.sel", (M,), torch.int64),
                  rowsel=g("eng.rowsel", (M,), torch.int64), rowS=g("eng.rowS", (Bb,), torch.int64))
         host = np.asarray(slots, dtype=np.int64), np.asarray(sel, dtype=np.int64)
         if self.device.type == "cuda":
-            for name, h in (("slots", host[0]), ("sel", host[1]), ("rowsel", host[1] // N),
+            for name, h in (("slots", host[0]), ("slots32", host[0].astype(np.int32)), ("sel", host[1]),
+                            ("rowsel", host[1] // N),
                             ("rowS", np.arange(Bb, dtype=np.int64) * S)):
                 p[name].copy_(torch.from_numpy(h), non_blocking=True)
         else:
             p["slots"].numpy()[:] = host[0]
+            p["slots32"].numpy()[:] = host[0]
             p["sel"].numpy()[:] = host[1]
             p["rowsel"].numpy()[:] = host[1] // N
             p["rowS"].numpy()[:] = np.arange(Bb, dtype=np.int64) * S
@@ -354,7 +357,7 @@ class Engine:
         else:
             fb = ForwardBatch(tokens, cols, key_end=key_end, logit_rows=logit_rows,
                               write_index=flat.view(-1) if phase.cache_write else None,
-                              kv_rows=sl if phase.cache_read else None, cache_read=phase.cache_read)
+                              kv_rows=p["slots32"] if phase.cache_read else None, cache_read=phase.cache_read)
         logits = forward_batch(self.cfg, self.w, fb, cache=self.cache, rope=self.rope, ws=ws,
                                backend=self.backend)                                 # (M or 2M, V)
         V = logits.shape[-1]

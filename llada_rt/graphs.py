@@ -23,12 +23,14 @@ class StepGraphs:
         """Buffers moved (the engine grew): every captured graph points at freed memory."""
         self.graphs.clear()
 
-    def run(self, key: tuple, version: Callable[[], int], step: Callable[[], None], slots: torch.Tensor,
+    def run(self, key: tuple, version: Callable[[], int], step: Callable[[], None], slots: list[torch.Tensor],
             scratch_slot: int) -> None:
+        """Replays key's graph (capturing it first if needed); slots: the plan's slot buffers (int64 and int32)."""
         graph = self.graphs.get(key)
         if graph is None or self._version != version():
-            real = slots.clone()
-            slots.fill_(scratch_slot)   # warm-up and capture run on the scratch row only: no real row is touched
+            real = [t.clone() for t in slots]
+            for t in slots:             # warm-up and capture run on the scratch row only: no real row is touched
+                t.fill_(scratch_slot)
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
@@ -44,5 +46,6 @@ class StepGraphs:
                 step()
             self.graphs[key] = graph
             self.captures += 1
-            slots.copy_(real)
+            for t, r in zip(slots, real):
+                t.copy_(r)
         graph.replay()

@@ -38,7 +38,7 @@ class ForwardBatch:
     key_start: torch.Tensor | None = None      # (B,) int32 (None: 0)
     logit_rows: torch.Tensor | None = None     # (M,) int64 flat indices into B * S of the rows that get logits
     write_index: torch.Tensor | None = None    # (B * S,) int64 flat cache index (row * T + column) of each query
-    kv_rows: torch.Tensor | None = None        # (B,) int64 cache row of each batch row, when cache_read
+    kv_rows: torch.Tensor | None = None        # (B,) int32 cache row of each batch row, when cache_read
     cache_read: bool = False                   # attend over the cache rows (after the write), not the fresh K/V
 
     @classmethod

@@ -334,3 +334,44 @@ class Runtime:
             nfe_per_row=[r.nfe for r in reqs],
             masked_left=[sum(t == mask for t in i) for i in ids],
             graph_captures=(g.captures if g is not None else 0) - captures0)
+
+    # -- evaluation: thin wrappers over likelihood.py ------------------------------------------------------------------
+    def _token_lists(self, items, chat: bool = False) -> list[list[int]]:
+        """A text, token ids, or a list of either -> list of id lists (empty allowed; chat: the chat template)."""
+        if isinstance(items, str) or (isinstance(items, Sequence) and all(isinstance(t, int) for t in items)
+                                      and len(items) > 0):
+            items = [items]
+        if not isinstance(items, Sequence) or isinstance(items, str):
+            raise ValueError(f"expected a string, token ids or a list of them, got {type(items).__name__}")
+        enc = self.tokenizer.encode_chat if chat else self.tokenizer.encode
+        return [enc(x) if isinstance(x, str) else [int(t) for t in x] for x in items]
+
+    def log_likelihood(self, prompts, answers, mc_num: int = 128, batch_size: int = 16, cfg_scale: float = 0.0,
+                       seed: int = 0, chat: bool = False, max_tokens: int | None = None, backend: str | None = None):
+        """Monte Carlo estimate of LLaDA's bound on log p(answer | prompt) per pair, batched over pairs, and its
+        standard error (llada_rt.likelihood; the official get_log_likelihood.py semantics). prompts and answers: texts
+        or token ids, one prompt per answer (a single prompt is shared by every answer). Texts are encoded plainly;
+        chat=True renders each prompt with the chat template first. Returns a likelihood.LikelihoodResult."""
+        from . import likelihood
+
+        p, a = self._token_lists(prompts, chat), self._token_lists(answers)
+        if len(p) == 1 and len(a) > 1:
+            p = p * len(a)
+        return likelihood.log_likelihood(self.config, self.weights, p, a, mc_num=mc_num, batch_size=batch_size,
+                                         cfg_scale=cfg_scale, seed=seed,
+                                         max_tokens=max_tokens or likelihood.DEFAULT_MAX_TOKENS,
+                                         backend=backend or self.engine.backend)
+
+    def log_likelihood_rolling(self, texts, window: int | None = None, context: int = 0, mc_num: int = 128,
+                               batch_size: int = 16, seed: int = 0, max_tokens: int | None = None,
+                               backend: str | None = None):
+        """Estimate of log p(text) per whole text: the text is cut into consecutive answer spans of window - context
+        tokens (window: default max_sequence_length), each estimated given the `context` tokens before it, and the
+        spans' estimates are summed (likelihood.rolling_windows). `.perplexities` is exp(-estimate / tokens).
+        Returns a likelihood.RollingResult."""
+        from . import likelihood
+
+        return likelihood.log_likelihood_rolling(self.config, self.weights, self._token_lists(texts), window=window,
+                                                 context=context, mc_num=mc_num, batch_size=batch_size, seed=seed,
+                                                 max_tokens=max_tokens or likelihood.DEFAULT_MAX_TOKENS,
+                                                 backend=backend or self.engine.backend)
