@@ -208,7 +208,8 @@ def cmd_chat(args) -> int:
     opts = _options(args)
     if not rt.tokenizer.is_chat:
         raise UsageError(f"{rt.path}: the checkpoint has no chat_template (a Base model); use `generate` instead")
-    rt.make_config(opts)   # bad options: a usage error before the first turn, not a refusal of every turn
+    # bad options: a usage error before the first turn, not a refusal of every turn
+    rt.make_config(opts).validate(None, rt.config.max_sequence_length, rt.device.type)
     interactive = sys.stdin.isatty()
     if interactive:
         print("llada-rt chat: type a message; /reset starts over, /exit (or Ctrl-D) quits.", flush=True)

@@ -178,19 +178,14 @@ def check_option(name: str, v: Any) -> Any:
                    "float16 logits overflow")
             raise GenerationConfigError(f"{name}={short_repr(v)} is too large: it must be at most {hi:g} ({why})")
         return f
-    if name == "threshold":
+    if name in ("threshold", "factor"):   # parallel decoding; None is off
         if v is None:
             return None
         f = _number(name, v)
-        if not 0.0 < f <= 1.0:
-            raise GenerationConfigError(f"threshold must be in (0, 1] (a confidence), got {short_repr(v)}")
-        return f
-    if name == "factor":
-        if v is None:
-            return None
-        f = _number(name, v)
-        if not (math.isfinite(f) and f > 0):
-            raise GenerationConfigError(f"factor must be > 0 (a finite number), got {short_repr(v)}")
+        ok, allowed = (0.0 < f <= 1.0, "in (0, 1] (a confidence)") if name == "threshold" else \
+            (math.isfinite(f) and f > 0, "> 0 (a finite number)")
+        if not ok:
+            raise GenerationConfigError(f"{name} must be {allowed}, got {short_repr(v)}")
         return f
     if name in ("mode", "remasking"):
         choices = MODES if name == "mode" else REMASKING
@@ -222,27 +217,36 @@ def _divisor_hint(n: int, near: int) -> int:
     return min(sorted(divs), key=lambda d: abs(d - near))
 
 
-def check_defaults(defaults: Mapping, source: str) -> dict:
-    """The GenerationConfig fields of a checkpoint's generation_config.json (other keys, and null values, are left
-    out), each type- and range-checked on its own. A bad one is a fault of the checkpoint: ConfigError naming
-    `source` and the key."""
+def _checked(values: Mapping, source: str | None) -> dict:
+    """The GenerationConfig fields among `values` (null values left out), each checked by check_option; errors are
+    GenerationConfigError, prefixed with `source` when given."""
     out = {}
-    for k, v in defaults.items():
+    for k, v in values.items():
         if k in FIELDS and v is not None:
             try:
                 out[k] = check_option(k, v)
             except GenerationConfigError as e:
-                raise ConfigError(f"{source}: {e}") from None
+                raise GenerationConfigError(f"{source}: {e}" if source else str(e)) from None
     return out
 
 
-def make_config(options: Mapping, defaults: Mapping | None = None,
-                source: str = "generation_config.json") -> GenerationConfig:
-    """A validated GenerationConfig from the caller's options over the checkpoint's defaults (the GenerationConfig
-    fields of generation_config.json, read from `source`; errors about them name it). A gen_length given without
-    steps drops the default steps (steps follows it), and a default block_length longer than the given gen_length
-    is cut to it. Checks that need the prompt, the model or the device come later (GenerationConfig.validate).
-    Raises GenerationConfigError, or ConfigError for a bad default."""
+def check_defaults(defaults: Mapping, source: str) -> dict:
+    """The GenerationConfig fields of a checkpoint's generation_config.json (other keys, and null values, are left
+    out), each type- and range-checked on its own. A bad one is a fault of the checkpoint: ConfigError naming
+    `source` and the key."""
+    try:
+        return _checked(defaults, source)
+    except GenerationConfigError as e:
+        raise ConfigError(str(e)) from None
+
+
+def make_config(options: Mapping, defaults: Mapping | None = None, source: str | None = None) -> GenerationConfig:
+    """GenerationConfig from the caller's options over defaults (e.g. the GenerationConfig fields of the checkpoint's
+    generation_config.json; `source` names where they come from). The defaults are checked here, each on its own
+    (GenerationConfigError naming `source` and the key); the options, and how everything fits together and with the
+    prompt, model and device, are GenerationConfig.validate's (Runtime runs it before any forward; its errors name
+    `source` for a value that came from there). A gen_length given without steps drops the default steps (steps
+    follows it), and a default block_length longer than the given gen_length is cut to it."""
     if not isinstance(options, Mapping):
         raise GenerationConfigError(f"generation options must be a dict of option names to values, got "
                                     f"{short_repr(options)} ({_kind(options)})")
@@ -250,16 +254,15 @@ def make_config(options: Mapping, defaults: Mapping | None = None,
     if unknown:
         raise GenerationConfigError(f"unknown generation option(s) {', '.join(short_repr(k) for k in unknown)}; "
                                     f"valid options: {', '.join(sorted(FIELDS))}")
-    merged = check_defaults(defaults or {}, source)
+    merged = _checked(defaults or {}, source)
     if "gen_length" in options and "steps" not in options:
         merged.pop("steps", None)
-    if "gen_length" in options and "block_length" not in options and "block_length" in merged:
-        g = options["gen_length"]
-        if isinstance(g, numbers.Integral) and not is_bool(g) and merged["block_length"] > g > 0:
-            merged["block_length"] = int(g)
-    origin = {k: source for k in merged if k not in options}
+    g = options.get("gen_length")
+    if "block_length" not in options and isinstance(g, numbers.Integral) and not is_bool(g) and \
+            merged.get("block_length", 0) > g > 0:
+        merged["block_length"] = int(g)
+    origin = {k: source for k in merged if k not in options} if source else {}
     merged.update(options)
     cfg = GenerationConfig(**merged)
     cfg._origin = origin
-    cfg.validate()
     return cfg

@@ -8,7 +8,7 @@ from typing import Any
 
 from .config import short_repr
 from .generation_config import is_bool
-from .tokenizer import MASK_TEXT, Tokenizer, TokenizerError, check_text
+from .tokenizer import MASK_TEXT, Tokenizer, TokenizerError, check_conversation, check_text
 
 _FORMS = ("a string, a list of strings (a batch), a list of token ids, a list of such lists (a batch of ids), or an "
           "integer numpy array / torch tensor of ids of shape (P,) or (B, P)")
@@ -177,17 +177,10 @@ def encode_prompts(prompt: Any, tokenizer: Tokenizer, *, vocab_size: int, mask_i
 def check_messages(messages: Any) -> None:
     """A chat conversation: a non-empty list of {'role': str, 'content': str} dicts whose contents are valid Unicode,
     the last one the user's with some text in it. Raises PromptError naming the message."""
-    if not isinstance(messages, list) or not messages:
-        raise PromptError(f"messages must be a non-empty list of {{'role': ..., 'content': ...}} dicts, got "
-                          f"{short_repr(messages)}")
-    for i, m in enumerate(messages):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str)):
-            raise PromptError(f"messages[{i}] must be a dict with a str 'role' and a str 'content', got "
-                              f"{short_repr(m)}")
-        try:
-            check_text(m.get("content"), f"messages[{i}]['content']")
-        except TokenizerError as e:
-            raise PromptError(str(e)) from None
+    try:
+        check_conversation(messages)
+    except TokenizerError as e:
+        raise PromptError(str(e)) from None
     last = messages[-1]
     if last["role"] != "user":
         raise PromptError(f"the last message must be the user's, got role {short_repr(last['role'])}")

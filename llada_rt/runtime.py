@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -288,6 +288,7 @@ class Runtime:
                                         "generate() with plain text")
         check_messages(messages)
         gc = self.make_config(options)
+        gc.validate(None, self.config.max_sequence_length, self.device.type)   # before gen_length is used below
         limit = self.config.max_sequence_length - gc.gen_length
         dropped = 0
         ids = self.tokenizer.encode_chat(messages)

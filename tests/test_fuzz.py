@@ -444,11 +444,10 @@ def _check_accepted(gc: GenerationConfig) -> None:
        defaults=st.one_of(st.none(), st.dictionaries(st.sampled_from(OPTION_FIELDS + ("eos_token_id",)),
                                                      json_values, max_size=3)))
 def test_make_config_random_options(options, defaults):
-    """make_config over random options and generation_config.json defaults: a checked config, GenerationConfigError
-    (a bad option), or ConfigError (a bad value in the file); nothing else."""
-    gc = attempt(lambda: make_config(options, defaults, "fuzz/generation_config.json"),
-                 (GenerationConfigError, ConfigError))
-    if gc is None:
+    """make_config over random options and defaults, then validate(): a checked config or GenerationConfigError (an
+    option, or a default, that cannot run); nothing else."""
+    gc = attempt(lambda: make_config(options, defaults, "fuzz/generation_config.json"), GenerationConfigError)
+    if gc is None or attempt(lambda: gc.validate() or gc, GenerationConfigError) is None:
         return
     _check_accepted(gc)
     if not (isinstance(options, dict) and options.get("gen_length") is not None):
