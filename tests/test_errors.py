@@ -423,7 +423,8 @@ def test_bad_input(case, small_ckpts, tmp_path):
     assert not missing, f"message lacks {missing}"
 
 
-@pytest.mark.parametrize("text", ["{", "[1, 2]", '{"eos_token_id": "x"}', '{"temperature": NaN}'])
+@pytest.mark.parametrize("text", ["{", "[1, 2]", '{"eos_token_id": "x"}', '{"temperature": NaN}',
+                                  '{"temperature": "hot"}', '{"early_stop": "false"}', '{"gen_length": 64.0}'])
 def test_info_reports_a_bad_generation_config(small_ckpts, tmp_path, text):
     """`llada-rt info` names the file in one line, exit code 1, no traceback."""
     ckpt = tmp_path / "ckpt"
