@@ -1,11 +1,13 @@
 """Per-op kernel benchmarks: median us and GB/s next to the torch baseline, one fixed-width line per config.
 
     python bench/bench_kernels.py [--device cpu|cuda] [--ops confidence,remask,attention,rms_norm,rope,silu_mul]
-                                  [--iters 30]
+                                  [--iters 30] [--before OLD_C.so]
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import os
 import statistics
 import subprocess
@@ -59,7 +61,34 @@ def torch_confidence(logits: torch.Tensor):
     return token, prob
 
 
-def confidence_rows(device: torch.device):
+def greedy_rows(B: int, device: torch.device, temperature: float = 0.0) -> dict:
+    """Per-row settings of ops.confidence: every row at one temperature, no special ids."""
+    zeros = torch.zeros(B, dtype=torch.int64, device=device)
+    return dict(temperature=torch.full((B,), temperature, device=device), seed=zeros + 1, offset=zeros,
+                position=zeros, random_confidence=torch.zeros(B, dtype=torch.bool, device=device), special_ids=[],
+                suppress_mask=zeros.int(), zero_conf_mask=zeros.int())
+
+
+def load_before(path: str):
+    """A llada_rt._C built from an earlier commit, loaded beside this build (its confidence_cpu takes the scalar
+    settings and writes float32 probs of commit 5b60699, before the float64 sum)."""
+    spec = importlib.util.spec_from_file_location("llada_rt_before._C", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def before_confidence(before, logits: torch.Tensor, masked: torch.Tensor):
+    """The fp32-sum confidence of the earlier build, at temperature 0 without special ids."""
+    B, N, V = logits.shape
+    token = torch.empty(B, N, dtype=torch.int64)
+    prob = torch.empty(B, N, dtype=torch.float32)
+    before.confidence_cpu(token.data_ptr(), prob.data_ptr(), logits.data_ptr(), logits.stride(0), logits.stride(1),
+                          masked.data_ptr(), B, N, V, ops.DTYPE_CODES[logits.dtype], 0.0, 0, 0, False, [], [])
+    return token, prob
+
+
+def confidence_rows(device: torch.device, before=None):
     shapes = [(1, 32, 126464, torch.float32), (1, 32, 126464, torch.bfloat16), (1, 32, 32000, torch.float32),
               (4, 32, 126464, torch.bfloat16)]
     if device.type == "cuda":
@@ -68,43 +97,51 @@ def confidence_rows(device: torch.device):
         logits = (torch.randn(B, N, V, device=device) * 3).to(dtype)               # (B, N, V)
         masked = torch.ones(B, N, dtype=torch.bool, device=device)
         config = f"B={B:<3} N={N:<4} V={V:<6} {str(dtype).replace('torch.', ''):<8}"
-        fns = [("llada_rt", lambda: ops.confidence(logits, masked))]
+        greedy = greedy_rows(B, device)
+        out = (torch.empty(B, N, dtype=torch.int64, device=device),
+               torch.empty(B, N, dtype=torch.float64, device=device))
+        fns = [("llada_rt", lambda: ops.confidence(logits, masked, **greedy, out=out))]
+        if before is not None:
+            fns.append(("before (fp32 sum)", lambda: before_confidence(before, logits, masked)))
         if device.type == "cuda" or (B, N, V, dtype) == shapes[0]:   # Gumbel noise: Philox + 2 logs per logit
-            fns.append(("llada_rt T=1", lambda: ops.confidence(logits, masked, temperature=1.0, seed=1)))
+            noisy = greedy_rows(B, device, temperature=1.0)
+            fns.append(("llada_rt T=1", lambda: ops.confidence(logits, masked, **noisy, out=out)))
         fns.append(("torch", lambda: torch_confidence(logits)))
         yield "confidence", config, logits.numel() * logits.element_size(), fns
 
 
-def torch_remask(canvas, token, prob, k, start, mask_id):
+def torch_remask(block, token, prob, k, mask_id):
     """Sync-free torch top-k commit: sort the masked confidences, scatter the first k[b] back, write tokens."""
     N = token.shape[1]
-    blk = canvas[:, start:start + N]                                              # (B, N)
-    conf = torch.where(blk == mask_id, prob, float("-inf"))
+    conf = torch.where(block == mask_id, prob, float("-inf"))
     order = conf.argsort(dim=1, descending=True, stable=True)                     # (B, N)
-    take = torch.arange(N, device=canvas.device)[None, :] < k[:, None]
-    commit = torch.zeros_like(take).scatter(1, order, take) & (blk == mask_id)
-    canvas[:, start:start + N] = torch.where(commit, token, blk)
+    take = torch.arange(N, device=block.device)[None, :] < k[:, None]
+    commit = torch.zeros_like(take).scatter(1, order, take) & (block == mask_id)
+    block.copy_(torch.where(commit, token, block))
 
 
 def remask_rows(device: torch.device):
     mask_id = 126336
-    for B, N, P in [(1, 32, 100), (8, 32, 500), (1, 256, 64), (4, 1024, 64)]:
-        canvas = torch.full((B, P + N), mask_id, dtype=torch.int64, device=device)  # (B, T)
-        canvas[:, :P] = 5
+    for B, N in [(1, 32), (8, 32), (1, 256), (4, 1024)]:
+        block = torch.full((B, N), mask_id, dtype=torch.int64, device=device)   # (B, N)
         token = torch.randint(0, 1000, (B, N), device=device)
-        prob = torch.rand(B, N, device=device)
+        prob = torch.rand(B, N, dtype=torch.float64, device=device)
         k = torch.full((B,), max(1, N // 8), dtype=torch.int64, device=device)
-        work = canvas.clone()
+        settings = dict(k=k, rule=torch.zeros(B, dtype=torch.int32, device=device),
+                        threshold=torch.full((B,), 0.9, dtype=torch.float64, device=device),
+                        factor=torch.ones(B, dtype=torch.float64, device=device))
+        count = torch.empty(B, dtype=torch.int32, device=device)
+        work = block.clone()
 
         def ours():
-            work.copy_(canvas)
-            ops.remask(work, token, prob, start=P, mask_id=mask_id, k=k)
+            work.copy_(block)
+            ops.remask(work, token, prob, mask_id=mask_id, **settings, out=count)
 
         def ref():
-            work.copy_(canvas)
-            torch_remask(work, token, prob, k, P, mask_id)
+            work.copy_(block)
+            torch_remask(work, token, prob, k, mask_id)
 
-        yield "remask", f"B={B:<3} N={N:<4} T={P + N:<6}", prob.numel() * 4 + token.numel() * 8, [
+        yield "remask", f"B={B:<3} N={N:<4}", prob.numel() * 8 + token.numel() * 8, [
             ("llada_rt", ours), ("torch sort+scatter", ref)]
 
 
@@ -239,8 +276,14 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--ops", default=",".join(ROWS))
     ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--before", metavar="SO", help="a llada_rt._C .so built from commit 5b60699 (the float32-sum "
+                    "confidence): its CPU confidence is timed beside this build's, round-robin in the same run")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.before and device.type != "cpu":
+        ap.error("--before times the CPU kernel of the earlier build; use --device cpu")
+    rows = dict(ROWS, confidence=functools.partial(confidence_rows, before=load_before(args.before))) if args.before \
+        else ROWS
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
@@ -249,15 +292,16 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"# {name} | torch {torch.__version__} | CUDA {torch.version.cuda} | commit {commit} | median of {args.iters}")
     for op in args.ops.split(","):
-        for op_name, config, nbytes, fns in ROWS[op](device):
-            cells, base_us = [], None
+        for op_name, config, nbytes, fns in rows[op](device):
+            cells, base_us = [], {}
             us_all = timed_many([fn for _, fn in fns], device=device, iters=args.iters)
             results = [(label, us) for (label, _), us in zip(fns, us_all)]
             ours_us = results[0][1]
             for label, us in results:
                 cells.append(f"{label} {us:9.1f} us {_rate(nbytes, us)}")
-                base_us = us if label.startswith("torch") else base_us
-            speedup = f"| x{base_us / ours_us:5.2f} vs torch" if base_us else ""
+                for base in ("torch", "before"):
+                    base_us[base] = us if label.startswith(base) else base_us.get(base)
+            speedup = "".join(f"| x{us / ours_us:5.2f} vs {base} " for base, us in base_us.items() if us)
             print(f"{op_name:<10} {config} | " + " | ".join(cells) + f" {speedup}", flush=True)
 
 

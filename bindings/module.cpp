@@ -1,4 +1,5 @@
-// PYBIND11_MODULE(_C): one function per op and device, taking integer pointers, sizes and a stream; releases the GIL.
+// PYBIND11_MODULE(_C): one function per op and device, taking a params object (or integer pointers and sizes) and a
+// stream; releases the GIL.
 #include "cpu/vec.h"
 #include "params.h"
 
@@ -14,24 +15,16 @@ PYBIND11_MODULE(_C, m) {
   m.attr("with_cuda") = false;
 #endif
 
-  m.def("confidence_cpu", [](uintptr_t token, uintptr_t prob, uintptr_t logits, int64_t b_stride, int64_t n_stride,
-                             uintptr_t masked, int B, int N, int V, int dtype, float temperature, uint64_t seed,
-                             uint64_t offset, bool random_confidence, std::vector<int64_t> suppress_ids,
-                             std::vector<int64_t> zero_conf_ids) {
-    ConfidenceParams p = confidence_params(token, prob, logits, b_stride, n_stride, masked, B, N, V, dtype, temperature,
-                                           seed, offset, random_confidence, suppress_ids, zero_conf_ids);
+  def_confidence_params(m);
+  def_remask_params(m);
+  m.def("confidence_cpu", [](const ConfidenceParams& p) {
     py::gil_scoped_release nogil;
     confidence_cpu(p);
-  }, LLADA_CONFIDENCE_ARGS);
-
-  m.def("remask_cpu", [](uintptr_t canvas, int64_t canvas_b_stride, uintptr_t count, uintptr_t token, uintptr_t prob,
-                         uintptr_t k, int B, int N, int64_t start, int64_t mask_id, int rule, float threshold,
-                         float factor) {
-    RemaskParams p = remask_params(canvas, canvas_b_stride, count, token, prob, k, B, N, start, mask_id, rule,
-                                   threshold, factor);
+  }, py::arg("params"));
+  m.def("remask_cpu", [](const RemaskParams& p) {
     py::gil_scoped_release nogil;
     remask_cpu(p);
-  }, LLADA_REMASK_ARGS);
+  }, py::arg("params"));
 
   m.def("advance_cpu", [](std::vector<uintptr_t> state, int64_t canvas_stride, int B, int N, int64_t mask_id,
                           int64_t fill_id, std::vector<int64_t> stop_ids, int64_t skip_slot) {
@@ -90,24 +83,14 @@ PYBIND11_MODULE(_C, m) {
     run_advance(p, reinterpret_cast<void*>(stream));
   }, LLADA_ADVANCE_ARGS, py::arg("stream"));
 
-  m.def("confidence_cuda", [](uintptr_t token, uintptr_t prob, uintptr_t logits, int64_t b_stride, int64_t n_stride,
-                              uintptr_t masked, int B, int N, int V, int dtype, float temperature, uint64_t seed,
-                              uint64_t offset, bool random_confidence, std::vector<int64_t> suppress_ids,
-                              std::vector<int64_t> zero_conf_ids, uintptr_t stream) {
-    ConfidenceParams p = confidence_params(token, prob, logits, b_stride, n_stride, masked, B, N, V, dtype, temperature,
-                                           seed, offset, random_confidence, suppress_ids, zero_conf_ids);
+  m.def("confidence_cuda", [](const ConfidenceParams& p, uintptr_t stream) {
     py::gil_scoped_release nogil;
     run_confidence(p, reinterpret_cast<void*>(stream));
-  }, LLADA_CONFIDENCE_ARGS, py::arg("stream"));
-
-  m.def("remask_cuda", [](uintptr_t canvas, int64_t canvas_b_stride, uintptr_t count, uintptr_t token, uintptr_t prob,
-                          uintptr_t k, int B, int N, int64_t start, int64_t mask_id, int rule, float threshold,
-                          float factor, uintptr_t stream) {
-    RemaskParams p = remask_params(canvas, canvas_b_stride, count, token, prob, k, B, N, start, mask_id, rule,
-                                   threshold, factor);
+  }, py::arg("params"), py::arg("stream"));
+  m.def("remask_cuda", [](const RemaskParams& p, uintptr_t stream) {
     py::gil_scoped_release nogil;
     run_remask(p, reinterpret_cast<void*>(stream));
-  }, LLADA_REMASK_ARGS, py::arg("stream"));
+  }, py::arg("params"), py::arg("stream"));
 
   m.def("attention_cuda", [](uintptr_t o, uintptr_t q, uintptr_t k, uintptr_t v, std::vector<int64_t> strides,
                              uintptr_t key_start, uintptr_t key_end, uintptr_t kv_rows, int B, int Lq, int Lk, int Hq,

@@ -16,12 +16,12 @@ from .config import LLaDAConfig
 from .generation_config import GenerationConfig
 from .graphs import StepGraphs
 from .model import ForwardBatch, RopeTable, forward_batch
+from .ops import REMASK_RULES
 from .modes import LLADA, PHASES, Family, Phase, uses_cache
 from .request import Request, StepEvent
 from .weights import ModelWeights
 from .workspace import Workspace
 
-RULES = {"topk": 0, "threshold": 1, "factor": 2}
 _COL_QUANTUM = 64                                  # canvas columns grow in multiples of this (and CUDA windows round to it)
 
 
@@ -39,7 +39,7 @@ class EngineState:
         "length": torch.int64,        # prompt + gen_length
         "seed": torch.int64,
         "key_end": torch.int32,       # = length, the attention's key range [0, key_end)
-        "rule": torch.int32,          # RULES
+        "rule": torch.int32,          # ops.REMASK_RULES
         "suppress_mask": torch.int32,  # bits over Engine.special_ids: -inf before the argmax
         "zero_conf_mask": torch.int32,  # bits over Engine.special_ids: chosen, but confidence 0
         "status": torch.int32,        # BLOCK_DONE | DONE | EARLY after the row's last step
@@ -206,7 +206,7 @@ class Engine:
         if gc.confidence_eos_eot_inf:
             zero = self._bit[self.eos_id] | (self._bit[self.eot_id] if self.eot_id is not None else 0)
         values = dict(block_start=P, step=0, nsteps=0, k=N // spb + (1 if N % spb else 0), spb=spb, prompt_len=P,
-                      length=L, seed=gc.seed, key_end=L, rule=RULES[gc.rule], suppress_mask=sup, zero_conf_mask=zero,
+                      length=L, seed=gc.seed, key_end=L, rule=REMASK_RULES[gc.rule], suppress_mask=sup, zero_conf_mask=zero,
                       status=0, filled=0, temperature=gc.temperature, cfg_scale=gc.cfg_scale,
                       threshold=gc.threshold if gc.threshold is not None else 1.0,
                       factor=gc.factor if gc.factor is not None else 1.0,

@@ -1,6 +1,8 @@
 """The only importer of llada_rt._C: registers each kernel as a torch op, checks inputs, dispatches CPU vs CUDA."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from . import _C
@@ -33,148 +35,392 @@ def _require_cuda_build(op: str) -> None:
 
 # ---- confidence ----------------------------------------------------------------------------------------------------
 
-_lib.define("confidence(Tensor logits, Tensor masked, float temperature, int seed, int offset, bool random_confidence, "
-            "int[] suppress_ids, int[] zero_conf_ids) -> (Tensor, Tensor)")
+_CONFIDENCE_INPUTS = ("Tensor logits, Tensor masked, Tensor temperature, Tensor seed, Tensor offset, Tensor position, "
+                      "Tensor random_confidence, int[] special_ids, Tensor suppress_mask, Tensor zero_conf_mask, "
+                      "int vocab_offset")
+_STATE_OUTPUTS = ("Tensor(a!) key, Tensor(b!) token, Tensor(c!) num, Tensor(d!) ref, Tensor(e!) denom, "
+                  "Tensor(f!) random_prob")
+_lib.define(f"confidence({_CONFIDENCE_INPUTS}) -> (Tensor, Tensor)")
+_lib.define(f"confidence_out(Tensor(a!) token, Tensor(b!) prob, {_CONFIDENCE_INPUTS}) -> ()")
+_lib.define(f"confidence_partial({_CONFIDENCE_INPUTS}, int full_vocab) -> "
+            "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+_lib.define(f"confidence_partial_out({_STATE_OUTPUTS}, {_CONFIDENCE_INPUTS}, int full_vocab) -> ()")
 
-MAX_SPECIAL_IDS = 8   # kMaxSpecialIds in csrc/common.h
-_U63 = 1 << 63
+MAX_SPECIAL_IDS = 8     # kMaxSpecialIds in csrc/common.h
+REF_NONE = -(1 << 30)   # kRefNone in csrc/confidence.h: the softmax reference of a state with no softmax term
 
 
-def _check_confidence(logits, masked, temperature, seed, offset, suppress_ids, zero_conf_ids) -> None:
-    op = "confidence"
-    _check(logits.dtype in DTYPE_CODES, op, f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
-    _check(logits.dim() == 3, op, f"logits must be (B, N, V), got shape {tuple(logits.shape)}")
+class ConfidenceState(NamedTuple):
+    """One vocabulary shard's confidence state per (b, n): every field (B, N), or (R, B, N) stacked over R ranks.
+    Softmax terms are in base 2 against an integer reference, so that shards merge by exact power-of-two scalings:
+    the term of a logit x is 2^(x log2(e) - ref) (csrc/confidence.h)."""
+    key: torch.Tensor          # float64: the shard's best key (logit + temperature * Gumbel); -inf: none is finite
+    token: torch.Tensor        # int64: its global id; -1: row not masked; full_vocab: every id of the shard suppressed
+    num: torch.Tensor          # float64: its softmax term (0 for a zero-confidence id or a dead row)
+    ref: torch.Tensor          # int32: the shard's softmax reference (REF_NONE: no id of the shard is in the softmax)
+    denom: torch.Tensor        # float64: the sum of the shard's softmax terms
+    random_prob: torch.Tensor  # float64: the Philox uniform of random_confidence rows (the same on every rank), else -1
+
+
+_STATE_DTYPES = ConfidenceState(torch.float64, torch.int64, torch.float64, torch.int32, torch.float64, torch.float64)
+# per-row inputs of confidence and their dtypes
+_CONFIDENCE_ROWS = {"temperature": torch.float32, "seed": torch.int64, "offset": torch.int64,
+                    "position": torch.int64, "random_confidence": torch.bool, "suppress_mask": torch.int32,
+                    "zero_conf_mask": torch.int32}
+
+
+def _check_rows(op: str, B: int, device: torch.device, rows: dict, dtypes: dict) -> None:
+    """Per-row inputs: tensors (B,) of their dtype on the device of the op."""
+    for name, dtype in dtypes.items():
+        t = rows[name]
+        _check(isinstance(t, torch.Tensor), op,
+               lambda: f"{name} must be a tensor ({B},) of {dtype}, got {type(t).__name__}")
+        _check(t.dtype == dtype and tuple(t.shape) == (B,), op,
+               lambda: f"{name} must be {dtype} ({B},), got {t.dtype} {tuple(t.shape)}")
+        _check(t.device == device, op, lambda: f"{name} is on {t.device} but the op runs on {device}")
+
+
+def _require_tensors(op: str, **named) -> None:
+    """Before the dispatcher sees them (it would only say 'Unable to cast')."""
+    for name, t in named.items():
+        _check(isinstance(t, torch.Tensor), op, lambda: f"{name} must be a tensor, got {type(t).__name__}")
+
+
+def _check_outputs(op: str, shape: tuple, device: torch.device, outputs) -> None:
+    """Output tensors (name, tensor, dtype): that dtype and shape, contiguous, on the device of the op."""
+    for name, t, dtype in outputs:
+        _check(isinstance(t, torch.Tensor), op, lambda: f"out {name} must be a tensor {shape} of {dtype}")
+        _check(t.dtype == dtype and tuple(t.shape) == shape, op,
+               lambda: f"out {name} must be {dtype} {shape}, got {t.dtype} {tuple(t.shape)}")
+        _check(t.device == device, op, lambda: f"out {name} is on {t.device} but the op runs on {device}")
+        _check(t.is_contiguous(), op, lambda: f"out {name} must be contiguous (it is written as a flat array)")
+
+
+def _check_confidence(op, logits, masked, rows, special_ids, vocab_offset, full_vocab) -> None:
+    """full_vocab None: the full op, whose vocabulary ends with the slice."""
+    _check(logits.dtype in DTYPE_CODES, op, lambda: f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    _check(logits.dim() == 3, op, lambda: f"logits must be (B, N, V), got shape {tuple(logits.shape)}")
     B, N, V = logits.shape
     _check(V > 0, op, "logits must have V > 0")
-    _check(V < 2**31 and B * N < 2**31, op, f"logits shape {tuple(logits.shape)} is too large")
-    _check(logits.stride(-1) == 1, op, f"logits must have unit stride over V, got strides {logits.stride()}")
-    _check(masked.dtype == torch.bool, op, f"masked must be bool, got {masked.dtype}")
-    _check(tuple(masked.shape) == (B, N), op, f"masked must be (B, N) = {(B, N)}, got {tuple(masked.shape)}")
-    _check(masked.device == logits.device, op, f"masked is on {masked.device} but logits are on {logits.device}")
-    _check(temperature >= 0.0 and temperature == temperature, op, f"temperature must be >= 0, got {temperature}")
-    _check(0 <= seed < _U63 and 0 <= offset < _U63, op, f"seed and offset must be in [0, 2**63), got {seed}, {offset}")
-    for name, ids in (("suppress_ids", suppress_ids), ("zero_conf_ids", zero_conf_ids)):
-        _check(len(ids) <= MAX_SPECIAL_IDS, op, f"at most {MAX_SPECIAL_IDS} {name} are supported, got {len(ids)}")
-        bad = [i for i in ids if not 0 <= i < V]
-        _check(not bad, op, f"{name} {bad} are outside the vocabulary [0, {V})")
-    _check(len(set(suppress_ids)) < V, op, "suppress_ids must leave at least one id of the vocabulary")
+    _check(B * N < 2**31, op, lambda: f"logits shape {tuple(logits.shape)} is too large")
+    _check(logits.stride(-1) == 1, op, lambda: f"logits must have unit stride over V, got strides {logits.stride()}")
+    _check(masked.dtype == torch.bool, op, lambda: f"masked must be bool, got {masked.dtype}")
+    _check(tuple(masked.shape) == (B, N), op, lambda: f"masked must be (B, N) = {(B, N)}, got {tuple(masked.shape)}")
+    _check(masked.device == logits.device, op,
+           lambda: f"masked is on {masked.device} but logits are on {logits.device}")
+    _check_rows(op, B, logits.device, rows, _CONFIDENCE_ROWS)
+    full_vocab = vocab_offset + V if full_vocab is None else full_vocab
+    _check(0 <= vocab_offset and vocab_offset + V <= full_vocab < 2**31, op,
+           lambda: f"the vocabulary slice [vocab_offset, vocab_offset + V) = [{vocab_offset}, {vocab_offset + V}) "
+           f"must lie in [0, full_vocab) = [0, {full_vocab}), full_vocab < 2**31")
+    _check(len(special_ids) <= MAX_SPECIAL_IDS, op,
+           lambda: f"at most {MAX_SPECIAL_IDS} special_ids are supported, got {len(special_ids)}")
+    bad = [i for i in special_ids if not 0 <= i < full_vocab]
+    _check(not bad, op, lambda: f"special_ids {bad} are outside the vocabulary [0, {full_vocab})")
+    if op == "confidence":  # every row needs an id of the slice that no mask can suppress
+        inside = {i for i in special_ids if vocab_offset <= i < vocab_offset + V}
+        _check(len(inside) < V, op, lambda: f"special_ids {sorted(inside)} cover the whole vocabulary of V = {V}: a "
+               "row that suppresses them all would have no token")
+    else:  # the merged vocabulary needs one; a shard may have none (its token is then full_vocab)
+        _check(len(set(special_ids)) < full_vocab, op,
+               lambda: f"special_ids {sorted(set(special_ids))} cover the whole vocabulary of {full_vocab} ids")
 
 
-def _confidence_impl(logits, masked, temperature, seed, offset, random_confidence, suppress_ids, zero_conf_ids):
-    _check_confidence(logits, masked, temperature, seed, offset, suppress_ids, zero_conf_ids)
+def _confidence_kwargs(outputs: dict, logits, masked, rows: dict, special_ids, vocab_offset, full_vocab) -> dict:
+    """Keyword arguments of _C.ConfidenceParams / _emu.ConfidenceParams (integer pointers, sizes); outputs holds
+    prob (the full op) or the six ConfidenceState fields (the partial op); full_vocab None: the full op's, the end
+    of the slice. The tensors must outlive the call."""
     B, N, V = logits.shape
+    full_vocab = vocab_offset + V if full_vocab is None else full_vocab
+    kw = {name: 0 for name in ("prob", *ConfidenceState._fields)}
+    kw.update({name: t.data_ptr() for name, t in outputs.items()})
+    kw.update({name: t.data_ptr() for name, t in rows.items()})
+    kw.update(logits=logits.data_ptr(), b_stride=logits.stride(0), n_stride=logits.stride(1),
+              masked=masked.data_ptr(), B=B, N=N, V=V, dtype=DTYPE_CODES[logits.dtype], vocab_offset=vocab_offset,
+              full_vocab=full_vocab, special_ids=list(special_ids))
+    return kw
+
+
+def _confidence_run(outputs: dict, logits, masked, rows: dict, special_ids, vocab_offset, full_vocab) -> None:
+    """Runs the kernel of logits' device into outputs (no allocation when the inputs are contiguous)."""
+    rows = {name: t.contiguous() for name, t in rows.items()}
     masked = masked.contiguous()
-    token = torch.empty((B, N), dtype=torch.int64, device=logits.device)   # (B, N)
-    prob = torch.empty((B, N), dtype=torch.float32, device=logits.device)  # (B, N)
-    args = (token.data_ptr(), prob.data_ptr(), logits.data_ptr(), logits.stride(0), logits.stride(1),
-            masked.data_ptr(), B, N, V, DTYPE_CODES[logits.dtype], float(temperature), seed, offset,
-            bool(random_confidence), list(suppress_ids), list(zero_conf_ids))
-    if token.numel() > 0:
-        if logits.is_cuda:
-            _require_cuda_build("confidence")
-            _C.confidence_cuda(*args, _stream(logits))
-        else:
-            _C.confidence_cpu(*args)
+    if masked.numel() == 0:
+        return
+    kw = _confidence_kwargs(outputs, logits, masked, rows, special_ids, vocab_offset, full_vocab)
+    if logits.is_cuda:
+        _require_cuda_build("confidence")
+        _C.confidence_cuda(_C.ConfidenceParams(**kw), _stream(logits))
+    else:
+        _C.confidence_cpu(_C.ConfidenceParams(**kw))
+
+
+def _rows(temperature, seed, offset, position, random_confidence, suppress_mask, zero_conf_mask) -> dict:
+    return dict(temperature=temperature, seed=seed, offset=offset, position=position,
+                random_confidence=random_confidence, suppress_mask=suppress_mask, zero_conf_mask=zero_conf_mask)
+
+
+def _confidence_impl(logits, masked, temperature, seed, offset, position, random_confidence, special_ids,
+                     suppress_mask, zero_conf_mask, vocab_offset):
+    rows = _rows(temperature, seed, offset, position, random_confidence, suppress_mask, zero_conf_mask)
+    _check_confidence("confidence", logits, masked, rows, special_ids, vocab_offset, None)
+    B, N, _ = logits.shape
+    token = torch.empty((B, N), dtype=torch.int64, device=logits.device)    # (B, N)
+    prob = torch.empty((B, N), dtype=torch.float64, device=logits.device)   # (B, N)
+    _confidence_run(dict(token=token, prob=prob), logits, masked, rows, special_ids, vocab_offset, None)
     return token, prob
 
 
-_lib.impl("confidence", _confidence_impl, "CPU")
-_lib.impl("confidence", _confidence_impl, "CUDA")
+def _confidence_out_impl(token, prob, logits, masked, temperature, seed, offset, position, random_confidence,
+                         special_ids, suppress_mask, zero_conf_mask, vocab_offset):
+    rows = _rows(temperature, seed, offset, position, random_confidence, suppress_mask, zero_conf_mask)
+    _check_confidence("confidence", logits, masked, rows, special_ids, vocab_offset, None)
+    _check_outputs("confidence", tuple(masked.shape), logits.device,
+                   (("token", token, torch.int64), ("prob", prob, torch.float64)))
+    _confidence_run(dict(token=token, prob=prob), logits, masked, rows, special_ids, vocab_offset, None)
+
+
+def _confidence_partial_impl(logits, masked, temperature, seed, offset, position, random_confidence, special_ids,
+                             suppress_mask, zero_conf_mask, vocab_offset, full_vocab):
+    rows = _rows(temperature, seed, offset, position, random_confidence, suppress_mask, zero_conf_mask)
+    _check_confidence("confidence_partial", logits, masked, rows, special_ids, vocab_offset, full_vocab)
+    B, N, _ = logits.shape
+    state = ConfidenceState(*(torch.empty((B, N), dtype=d, device=logits.device) for d in _STATE_DTYPES))
+    _confidence_run(state._asdict(), logits, masked, rows, special_ids, vocab_offset, full_vocab)
+    return tuple(state)
+
+
+def _confidence_partial_out_impl(key, token, num, ref, denom, random_prob, logits, masked, temperature, seed, offset,
+                                 position, random_confidence, special_ids, suppress_mask, zero_conf_mask, vocab_offset,
+                                 full_vocab):
+    rows = _rows(temperature, seed, offset, position, random_confidence, suppress_mask, zero_conf_mask)
+    _check_confidence("confidence_partial", logits, masked, rows, special_ids, vocab_offset, full_vocab)
+    state = ConfidenceState(key, token, num, ref, denom, random_prob)
+    _check_outputs("confidence_partial", tuple(masked.shape), logits.device,
+                   zip(state._fields, state, _STATE_DTYPES))
+    _confidence_run(state._asdict(), logits, masked, rows, special_ids, vocab_offset, full_vocab)
+
+
+for _name, _impl in (("confidence", _confidence_impl), ("confidence_out", _confidence_out_impl),
+                     ("confidence_partial", _confidence_partial_impl),
+                     ("confidence_partial_out", _confidence_partial_out_impl)):
+    _lib.impl(_name, _impl, "CPU")
+    _lib.impl(_name, _impl, "CUDA")
 
 
 @torch.library.register_fake("llada_rt::confidence")
-def _confidence_fake(logits, masked, temperature, seed, offset, random_confidence, suppress_ids, zero_conf_ids):
-    _check_confidence(logits, masked, temperature, seed, offset, suppress_ids, zero_conf_ids)
+def _confidence_fake(logits, masked, temperature, seed, offset, position, random_confidence, special_ids,
+                     suppress_mask, zero_conf_mask, vocab_offset):
+    rows = _rows(temperature, seed, offset, position, random_confidence, suppress_mask, zero_conf_mask)
+    _check_confidence("confidence", logits, masked, rows, special_ids, vocab_offset, None)
     B, N, _ = logits.shape
-    return (logits.new_empty((B, N), dtype=torch.int64), logits.new_empty((B, N), dtype=torch.float32))
+    return logits.new_empty((B, N), dtype=torch.int64), logits.new_empty((B, N), dtype=torch.float64)
 
 
-def confidence(logits: torch.Tensor, masked: torch.Tensor, *, temperature: float = 0.0, seed: int = 0, offset: int = 0,
-               random_confidence: bool = False, suppress_ids=(), zero_conf_ids=()):
-    """Argmax token and its softmax probability per masked row: logits (B, N, V), masked bool (B, N) ->
-    token int64 (B, N) (-1 where not masked), prob float32 (B, N) (-inf where not masked).
+@torch.library.register_fake("llada_rt::confidence_out")
+def _confidence_out_fake(token, prob, logits, masked, temperature, seed, offset, position, random_confidence,
+                         special_ids, suppress_mask, zero_conf_mask, vocab_offset):
+    rows = _rows(temperature, seed, offset, position, random_confidence, suppress_mask, zero_conf_mask)
+    _check_confidence("confidence", logits, masked, rows, special_ids, vocab_offset, None)
 
-    temperature > 0 adds Gumbel noise (Philox, keyed by seed/offset) to the argmax only; suppress_ids are -inf before
-    everything; zero_conf_ids can be chosen but get prob 0 and are left out of the softmax; random_confidence replaces
-    prob by a Philox uniform draw per row. Rows whose logits are all -inf get the lowest non-suppressed id, prob 0.
-    """
-    return torch.ops.llada_rt.confidence(logits, masked, float(temperature), int(seed), int(offset),
-                                         bool(random_confidence), [int(i) for i in suppress_ids],
-                                         [int(i) for i in zero_conf_ids])
+
+@torch.library.register_fake("llada_rt::confidence_partial")
+def _confidence_partial_fake(logits, masked, temperature, seed, offset, position, random_confidence, special_ids,
+                             suppress_mask, zero_conf_mask, vocab_offset, full_vocab):
+    rows = _rows(temperature, seed, offset, position, random_confidence, suppress_mask, zero_conf_mask)
+    _check_confidence("confidence_partial", logits, masked, rows, special_ids, vocab_offset, full_vocab)
+    B, N, _ = logits.shape
+    return tuple(logits.new_empty((B, N), dtype=d) for d in _STATE_DTYPES)
+
+
+@torch.library.register_fake("llada_rt::confidence_partial_out")
+def _confidence_partial_out_fake(key, token, num, ref, denom, random_prob, logits, masked, temperature, seed, offset,
+                                 position, random_confidence, special_ids, suppress_mask, zero_conf_mask, vocab_offset,
+                                 full_vocab):
+    rows = _rows(temperature, seed, offset, position, random_confidence, suppress_mask, zero_conf_mask)
+    _check_confidence("confidence_partial", logits, masked, rows, special_ids, vocab_offset, full_vocab)
+
+
+def confidence(logits: torch.Tensor, masked: torch.Tensor, *, temperature: torch.Tensor, seed: torch.Tensor,
+               offset: torch.Tensor, position: torch.Tensor, random_confidence: torch.Tensor, special_ids,
+               suppress_mask: torch.Tensor, zero_conf_mask: torch.Tensor, vocab_offset: int = 0, out=None):
+    """Argmax token and its float64 softmax probability per masked row, every setting per batch row: logits (B, N, V)
+    (unit stride over V), masked bool (B, N) -> token int64 (B, N) (-1 where not masked), prob float64 (B, N) (-inf
+    where not masked; unmasked rows' logits are never read). Written into out = (token, prob) when given (no
+    allocation on the CPU).
+
+    Per row b (tensors (B,) on logits' device, read by the kernel: no host sync, capturable): temperature float32 (0:
+    argmax; > 0: Gumbel-max, the noise added to the argmax only), seed / offset int64 (Philox key / the request's own
+    step), position int64 (answer position of column 0: the draw of (b, n, id c) is keyed by (seed, position + n,
+    offset) and column vocab_offset + c, never by b), random_confidence bool (prob = the Philox uniform at column
+    kRandomConfidenceColumn of csrc/philox.h instead), suppress_mask / zero_conf_mask int32 (bit i set: special_ids[i], <= 8 host ints,
+    is -inf before the argmax / may be chosen but gets prob 0; both leave the softmax). Rows whose keys are all -inf
+    get the lowest id that is not suppressed, prob 0. vocab_offset: the logits hold ids [vocab_offset, vocab_offset +
+    V) (token is a global id; special ids below the slice are ignored). The CPU raises on a negative or NaN
+    temperature; CUDA treats it as 0. prob is a float64 softmax up to the error of fp32 exponentials: within about
+    1e-6 p (1 - p) of the exact value (tests/test_confidence.py), so near-1 ties resolve as in float64."""
+    _require_tensors("confidence", logits=logits, masked=masked, temperature=temperature, seed=seed, offset=offset,
+                     position=position, random_confidence=random_confidence, suppress_mask=suppress_mask,
+                     zero_conf_mask=zero_conf_mask)
+    args = (logits, masked, temperature, seed, offset, position, random_confidence, [int(i) for i in special_ids],
+            suppress_mask, zero_conf_mask, int(vocab_offset))
+    if out is None:
+        return torch.ops.llada_rt.confidence(*args)
+    token, prob = out
+    torch.ops.llada_rt.confidence_out(token, prob, *args)
+    return token, prob
+
+
+def confidence_partial(logits: torch.Tensor, masked: torch.Tensor, *, temperature: torch.Tensor, seed: torch.Tensor,
+                       offset: torch.Tensor, position: torch.Tensor, random_confidence: torch.Tensor, special_ids,
+                       suppress_mask: torch.Tensor, zero_conf_mask: torch.Tensor, vocab_offset: int, full_vocab: int,
+                       out: ConfidenceState | None = None) -> ConfidenceState:
+    """confidence over one shard of the vocabulary: logits (B, N, V) hold the global ids [vocab_offset, vocab_offset +
+    V) of a vocabulary of full_vocab ids; the other inputs as confidence (the same on every rank) -> the shard's
+    ConfidenceState, fields (B, N), written into out when given. confidence_merge of every rank's state (any split)
+    equals confidence over the whole vocabulary: the same noise per global id, ties to the lower global id."""
+    _require_tensors("confidence_partial", logits=logits, masked=masked, temperature=temperature, seed=seed,
+                     offset=offset, position=position, random_confidence=random_confidence,
+                     suppress_mask=suppress_mask, zero_conf_mask=zero_conf_mask)
+    args = (logits, masked, temperature, seed, offset, position, random_confidence, [int(i) for i in special_ids],
+            suppress_mask, zero_conf_mask, int(vocab_offset), int(full_vocab))
+    if out is None:
+        return ConfidenceState(*torch.ops.llada_rt.confidence_partial(*args))
+    torch.ops.llada_rt.confidence_partial_out(*out, *args)
+    return out
+
+
+def _pow2(e: torch.Tensor) -> torch.Tensor:
+    """2.0 ** e as float64 for integer e <= 0, exact (built from the exponent bits); 0 below the normal range."""
+    e = e.to(torch.int64)
+    bits = (e.clamp(min=-1022) + 1023) << 52
+    return torch.where(e >= -1022, bits.view(torch.float64), torch.zeros((), dtype=torch.float64, device=e.device))
+
+
+def confidence_merge(*states: ConfidenceState):
+    """Merges vocabulary shards (pure torch, small tensors): one ConfidenceState with fields (R, B, N) stacked over
+    the R ranks, or R states with fields (B, N) -> (token int64 (B, N), prob float64 (B, N)), exactly what confidence
+    returns over the whole vocabulary (up to float64 rounding of the softmax sum)."""
+    _check(len(states) > 0 and all(isinstance(s, ConfidenceState) for s in states), "confidence_merge",
+           "pass one ConfidenceState stacked over ranks (fields (R, B, N)) or one ConfidenceState (B, N) per rank")
+    st = states[0] if len(states) == 1 and states[0].key.dim() == 3 else ConfidenceState(
+        *(torch.stack(field) for field in zip(*states)))                                 # fields (R, B, N)
+    shape = tuple(st.key.shape)
+    _check(len(shape) == 3, "confidence_merge", lambda: f"state fields must be (R, B, N), got {shape}")
+    for name, t, dtype in zip(st._fields, st, _STATE_DTYPES):
+        _check(t.dtype == dtype and tuple(t.shape) == shape, "confidence_merge",
+               lambda: f"{name} must be {dtype} {shape}, got {t.dtype} {tuple(t.shape)}")
+    ref = st.ref.amax(0)                                                                 # (B, N)
+    scale = _pow2(st.ref - ref)                                                          # (R, B, N), exact
+    denom = (st.denom * scale).sum(0)                                                    # (B, N)
+    best = st.key.amax(0)                                                                # (B, N)
+    cand = torch.where(st.key == best, st.token, torch.iinfo(torch.int64).max)          # (R, B, N)
+    token = cand.amin(0)                                                                 # ties: lower global id
+    winner = (cand == token).to(torch.int8).argmax(0, keepdim=True)                      # (1, B, N) rank index
+    num = (st.num * scale).gather(0, winner)[0]                                          # (B, N)
+    prob = torch.where(num > 0, num / denom, torch.zeros_like(num))
+    random_prob = st.random_prob[0]
+    prob = torch.where(random_prob >= 0, random_prob, prob)
+    unmasked = st.token[0] < 0
+    token = torch.where(unmasked, torch.full_like(token, -1), token)
+    prob = torch.where(unmasked, torch.full_like(prob, float("-inf")), prob)
+    return token, prob
 
 
 # ---- remask --------------------------------------------------------------------------------------------------------
 
-_lib.define("remask(Tensor(a!) canvas, Tensor token, Tensor prob, Tensor? k, int start, int mask_id, int rule, "
-            "float threshold, float factor) -> Tensor")
+_REMASK_INPUTS = "Tensor token, Tensor prob, int mask_id, Tensor k, Tensor rule, Tensor threshold, Tensor factor"
+_lib.define(f"remask(Tensor(a!) block, {_REMASK_INPUTS}) -> Tensor")
+_lib.define(f"remask_out(Tensor(a!) block, Tensor(b!) count, {_REMASK_INPUTS}) -> ()")
 
-REMASK_RULES = {"topk": 0, "threshold": 1, "factor": 2}
+REMASK_RULES = {"topk": 0, "threshold": 1, "factor": 2}   # codes of the per-row rule tensor (RemaskRule in remask.h)
+REMASK_MAX_N = 1024                                       # kRemaskMaxN in csrc/remask.h
+_REMASK_ROWS = {"k": torch.int64, "rule": torch.int32, "threshold": torch.float64, "factor": torch.float64}
 
 
-def _check_remask(canvas, token, prob, k, start, rule) -> None:
+def _check_remask(block, token, prob, k, rule, threshold, factor) -> None:
     op = "remask"
-    _check(canvas.dtype == torch.int64, op, f"canvas must be int64, got {canvas.dtype}")
-    _check(canvas.dim() == 2, op, f"canvas must be (B, T), got shape {tuple(canvas.shape)}")
-    _check(canvas.stride(-1) == 1, op, f"canvas must have unit stride over T (it is written in place), got strides "
-           f"{canvas.stride()}")
-    B, T = canvas.shape
-    _check(token.dtype == torch.int64, op, f"token must be int64, got {token.dtype}")
-    _check(prob.dtype == torch.float32, op, f"prob must be float32, got {prob.dtype}")
-    _check(token.dim() == 2 and token.shape[0] == B, op, f"token must be (B, N) with B = {B}, got {tuple(token.shape)}")
-    N = token.shape[1]
-    _check(tuple(prob.shape) == (B, N), op, f"prob must be (B, N) = {(B, N)}, got {tuple(prob.shape)}")
-    _check(N <= 1024, op, f"the block length N must be <= 1024, got {N}")
-    _check(0 <= start and start + N <= T, op, f"the block [start, start + N) = [{start}, {start + N}) is outside the "
-           f"canvas of length T = {T}")
-    _check(rule in REMASK_RULES.values(), op, f"unknown rule code {rule}")
+    _check(block.dtype == torch.int64, op, lambda: f"block must be int64, got {block.dtype}")
+    _check(block.dim() == 2, op, lambda: f"block must be (B, N), got shape {tuple(block.shape)}")
+    _check(block.is_contiguous(), op, lambda: f"block must be contiguous (it is written in place), got strides "
+           f"{block.stride()}; gather it into a contiguous (B, N) buffer")
+    B, N = block.shape
+    _check(N <= REMASK_MAX_N, op, lambda: f"the block length N must be <= {REMASK_MAX_N}, got {N}")
+    _check(token.dtype == torch.int64, op, lambda: f"token must be int64, got {token.dtype}")
+    _check(prob.dtype == torch.float64, op,
+           lambda: f"prob must be float64 (as confidence returns it), got {prob.dtype}")
     for name, t in (("token", token), ("prob", prob)):
-        _check(t.device == canvas.device, op, f"{name} is on {t.device} but canvas is on {canvas.device}")
-    if rule == REMASK_RULES["topk"]:
-        _check(k is not None, op, "rule 'topk' needs k, an int64 tensor (B,) of positions to commit per row")
-        _check(k.dtype == torch.int64 and tuple(k.shape) == (B,), op,
-               f"k must be int64 (B,) = ({B},), got {k.dtype} {tuple(k.shape)}")
-        _check(k.device == canvas.device, op, f"k is on {k.device} but canvas is on {canvas.device}")
+        _check(tuple(t.shape) == (B, N), op, lambda: f"{name} must be (B, N) = {(B, N)}, got {tuple(t.shape)}")
+        _check(t.device == block.device, op, lambda: f"{name} is on {t.device} but block is on {block.device}")
+    _check_rows(op, B, block.device, dict(k=k, rule=rule, threshold=threshold, factor=factor), _REMASK_ROWS)
 
 
-def _remask_impl(canvas, token, prob, k, start, mask_id, rule, threshold, factor):
-    _check_remask(canvas, token, prob, k, start, rule)
-    B, N = token.shape
-    token, prob = token.contiguous(), prob.contiguous()
-    k = k.contiguous() if (k is not None and rule == REMASK_RULES["topk"]) else None
-    count = torch.zeros((B,), dtype=torch.int32, device=canvas.device)   # (B,)
-    if B > 0 and N > 0:
-        args = (canvas.data_ptr(), canvas.stride(0), count.data_ptr(), token.data_ptr(), prob.data_ptr(),
-                0 if k is None else k.data_ptr(), B, N, start, mask_id, rule, float(threshold), float(factor))
-        if canvas.is_cuda:
-            _require_cuda_build("remask")
-            _C.remask_cuda(*args, _stream(canvas))
-        else:
-            _C.remask_cpu(*args)
+def _remask_run(block, count, token, prob, mask_id, k, rule, threshold, factor) -> None:
+    B, N = block.shape
+    if B == 0 or N == 0:
+        return
+    token, prob, k, rule = token.contiguous(), prob.contiguous(), k.contiguous(), rule.contiguous()
+    threshold, factor = threshold.contiguous(), factor.contiguous()
+    params = _C.RemaskParams(block=block.data_ptr(), count=count.data_ptr(), token=token.data_ptr(),
+                             prob=prob.data_ptr(), k=k.data_ptr(), rule=rule.data_ptr(),
+                             threshold=threshold.data_ptr(), factor=factor.data_ptr(), B=B, N=N, mask_id=mask_id)
+    if block.is_cuda:
+        _require_cuda_build("remask")
+        _C.remask_cuda(params, _stream(block))
+    else:
+        _C.remask_cpu(params)
+
+
+def _remask_impl(block, token, prob, mask_id, k, rule, threshold, factor):
+    _check_remask(block, token, prob, k, rule, threshold, factor)
+    count = torch.zeros((block.shape[0],), dtype=torch.int32, device=block.device)   # (B,)
+    _remask_run(block, count, token, prob, mask_id, k, rule, threshold, factor)
     return count
 
 
-_lib.impl("remask", _remask_impl, "CPU")
-_lib.impl("remask", _remask_impl, "CUDA")
+def _remask_out_impl(block, count, token, prob, mask_id, k, rule, threshold, factor):
+    _check_remask(block, token, prob, k, rule, threshold, factor)
+    _check_outputs("remask", (block.shape[0],), block.device, (("count", count, torch.int32),))
+    if block.numel() == 0:
+        count.zero_()
+    _remask_run(block, count, token, prob, mask_id, k, rule, threshold, factor)
+
+
+for _name, _impl in (("remask", _remask_impl), ("remask_out", _remask_out_impl)):
+    _lib.impl(_name, _impl, "CPU")
+    _lib.impl(_name, _impl, "CUDA")
 
 
 @torch.library.register_fake("llada_rt::remask")
-def _remask_fake(canvas, token, prob, k, start, mask_id, rule, threshold, factor):
-    _check_remask(canvas, token, prob, k, start, rule)
-    return canvas.new_empty((canvas.shape[0],), dtype=torch.int32)
+def _remask_fake(block, token, prob, mask_id, k, rule, threshold, factor):
+    _check_remask(block, token, prob, k, rule, threshold, factor)
+    return block.new_empty((block.shape[0],), dtype=torch.int32)
 
 
-def remask(canvas: torch.Tensor, token: torch.Tensor, prob: torch.Tensor, *, start: int, mask_id: int,
-           k: torch.Tensor | None = None, rule: str = "topk", threshold: float = 0.9, factor: float = 1.0):
-    """Commit masked positions of the block canvas[:, start:start+N] in place: canvas int64 (B, T) (mutated),
-    token int64 (B, N), prob float32 (B, N) -> count int32 (B,) of positions committed per row.
+@torch.library.register_fake("llada_rt::remask_out")
+def _remask_out_fake(block, count, token, prob, mask_id, k, rule, threshold, factor):
+    _check_remask(block, token, prob, k, rule, threshold, factor)
 
-    rule 'topk': the k[b] most confident masked positions (k int64 (B,), a device tensor: no host sync);
-    'threshold': every masked position with prob >= threshold, at least the most confident one; 'factor':
-    Fast-dLLM's factor rule. Ties in prob go to the lower position; committed positions are never touched.
-    """
-    _check(rule in REMASK_RULES, "remask", f"rule must be one of {', '.join(REMASK_RULES)}, got {rule!r}")
-    return torch.ops.llada_rt.remask(canvas, token, prob, k, int(start), int(mask_id), REMASK_RULES[rule],
-                                     float(threshold), float(factor))
+
+def remask(block: torch.Tensor, token: torch.Tensor, prob: torch.Tensor, *, mask_id: int, k: torch.Tensor,
+           rule: torch.Tensor, threshold: torch.Tensor, factor: torch.Tensor, out: torch.Tensor | None = None):
+    """Commit masked positions (block == mask_id) of each row's current block in place: block int64 (B, N)
+    contiguous (mutated), token int64 (B, N), prob float64 (B, N) -> count int32 (B,) of positions committed per row,
+    written into out when given (no allocation on the CPU).
+
+    Per row b (tensors (B,), read by the kernel: no host sync, capturable): rule int32 (REMASK_RULES: 0 'topk' commits
+    the k[b] (int64) most confident masked positions; 1 'threshold' every masked position with prob >= threshold[b]
+    (float64), at least the most confident one; 2 'factor' Fast-dLLM's factor rule with factor[b] (float64), its
+    thresholds 1 - factor / (n + 1) in float64). Ties in prob go to the lower position; a committed token is written
+    even if it equals mask_id (the position then stays masked, as in the official sampler). A rule code outside
+    REMASK_RULES raises on the CPU; on CUDA that row commits nothing and gets count -1."""
+    _require_tensors("remask", block=block, token=token, prob=prob, k=k, rule=rule, threshold=threshold,
+                     factor=factor)
+    args = (token, prob, int(mask_id), k, rule, threshold, factor)
+    if out is None:
+        return torch.ops.llada_rt.remask(block, *args)
+    torch.ops.llada_rt.remask_out(block, out, *args)
+    return out
 
 
 # ---- the CPU kernels' instruction set (csrc/cpu/vec.h) ------------------------------------------------------------

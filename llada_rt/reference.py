@@ -1,12 +1,17 @@
 """Pure-PyTorch fp32 (fp64 where it matters) twins of every llada_rt.ops function, same signatures: the test oracle."""
 from __future__ import annotations
 
+import math
+
 import torch
+
+from . import ops
 
 
 # ---- Philox, confidence, remask ------------------------------------------------------------------------------------
 
 _M32 = 0xFFFFFFFF
+LOG2E = 1.4426950408889634
 
 
 def _mulhilo32(a: torch.Tensor, m: int):
@@ -16,13 +21,14 @@ def _mulhilo32(a: torch.Tensor, m: int):
     return s & _M32, ((t >> 16) + (s >> 32)) & _M32
 
 
-def philox_uniform(seed, offset, rows, cols) -> torch.Tensor:
-    """Philox4x32-10 uniform in (0, 1), bit-exact with csrc/philox.h: key = seed, counter = (col, row, offset lo,
-    offset hi). seed, offset, rows, cols: ints or int64 tensors (broadcastable) -> float32 of their broadcast shape."""
-    seed, offset = torch.as_tensor(seed, dtype=torch.int64), torch.as_tensor(offset, dtype=torch.int64)
-    rows, cols = torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)
-    seed, offset, rows, cols = torch.broadcast_tensors(seed, offset, rows, cols)
-    c0, c1 = cols & _M32, rows & _M32
+def philox_uniform(seed, offset, position, column) -> torch.Tensor:
+    """Philox4x32-10 uniform in (0, 1), bit-exact with csrc/philox.h: key seed, counter (column, low 32 bits of
+    position, offset low / high words); each argument an int or an int64 tensor (broadcast together) -> float32 tensor
+    of the broadcast shape."""
+    device = next((x.device for x in (seed, offset, position, column) if isinstance(x, torch.Tensor)), None)
+    seed, offset, position, column = torch.broadcast_tensors(
+        *(torch.as_tensor(x, dtype=torch.int64, device=device) for x in (seed, offset, position, column)))
+    c0, c1 = column & _M32, position & _M32
     c2, c3 = offset & _M32, (offset >> 32) & _M32
     k0, k1 = seed & _M32, (seed >> 32) & _M32
     for _ in range(10):
@@ -34,125 +40,149 @@ def philox_uniform(seed, offset, rows, cols) -> torch.Tensor:
 
 
 RANDOM_CONFIDENCE_COLUMN = 0xFFFFFFFF   # kRandomConfidenceColumn in csrc/philox.h
+REF_NONE = -(1 << 30)                   # kRefNone in csrc/confidence.h
 
 
-def _bits(mask: torch.Tensor, n: int) -> torch.Tensor:
-    """(B,) int32 bit masks -> (B, n) bool: bit i of row b."""
-    return ((mask.to(torch.int64)[:, None] >> torch.arange(n, device=mask.device)) & 1).bool()
+def special_mask(special_ids, mask: torch.Tensor, vocab_offset: int, V: int) -> torch.Tensor:
+    """(B, V) bool: local id c of row b is special_ids[i] with bit i of mask[b] (int32 (B,)) set."""
+    out = torch.zeros(mask.shape[0], V, dtype=torch.bool, device=mask.device)
+    for i, sid in enumerate(special_ids):
+        if 0 <= sid - vocab_offset < V:
+            out[:, sid - vocab_offset] |= ((mask >> i) & 1).bool()
+    return out
 
 
-def confidence_keys(logits: torch.Tensor, *, temperature, seed, offset, position, special_ids=(), suppress_mask=None,
+def confidence_keys(logits: torch.Tensor, *, temperature: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor,
+                    position: torch.Tensor, special_ids, suppress_mask: torch.Tensor,
                     vocab_offset: int = 0) -> torch.Tensor:
-    """The argmax keys of `confidence` in fp64: logits (B, N, V) + temperature[b] * Gumbel(Philox), suppressed ids
-    -inf. Philox per (b, n, id): key seed[b], counter (vocab_offset + id, position[b] + n, offset[b])."""
+    """The argmax keys of `confidence` in fp64: logits (B, N, V) + temperature[b] * Gumbel(Philox of (seed[b],
+    position[b] + n, offset[b]) at column vocab_offset + c) where temperature[b] > 0; suppressed ids -inf."""
     B, N, V = logits.shape
     dev = logits.device
     key = logits.to(torch.float64)                                               # (B, N, V)
-    temperature = temperature.to(dev, torch.float64)
-    if bool((temperature > 0).any()):
-        pos = (position.to(dev)[:, None] + torch.arange(N, device=dev))[..., None]  # (B, N, 1)
-        u = philox_uniform(seed.to(dev)[:, None, None], offset.to(dev)[:, None, None], pos,
-                           vocab_offset + torch.arange(V, device=dev)).to(torch.float64)
-        noise = -torch.log(-torch.log(u))                                        # (B, N, V)
-        key = torch.where(temperature[:, None, None] > 0, key + temperature[:, None, None] * noise, key)
-    if len(special_ids) and suppress_mask is not None:
-        key = _exclude(key, special_ids, _bits(suppress_mask.to(dev), len(special_ids)), vocab_offset)
-    return key
+    noisy = temperature > 0                                                      # (B,)
+    # on the CPU a host read is free and skips the draws when no row is noisy; elsewhere no sync: always drawn
+    if logits.device.type != "cpu" or bool(noisy.any()):
+        n = torch.arange(N, device=logits.device)
+        u = philox_uniform(seed[:, None, None], offset[:, None, None], position[:, None, None] + n[None, :, None],
+                           vocab_offset + torch.arange(V, device=logits.device)).to(torch.float64)  # (B, N, V)
+        noisy_key = key + temperature.to(torch.float64)[:, None, None] * -torch.log(-torch.log(u))
+        key = torch.where(noisy[:, None, None], noisy_key, key)
+    suppressed = special_mask(special_ids, suppress_mask, vocab_offset, V)      # (B, V)
+    return key.masked_fill(suppressed[:, None, :], float("-inf"))
 
 
-def _exclude(x: torch.Tensor, special_ids, which: torch.Tensor, vocab_offset: int) -> torch.Tensor:
-    """x (B, N, V) with -inf at special_ids[i] (global ids) for the rows b where which[b, i]."""
-    x = x.clone()
-    V = x.shape[-1]
-    for i, sid in enumerate(special_ids):
-        j = sid - vocab_offset
-        if 0 <= j < V:
-            x[:, :, j] = torch.where(which[:, i, None], torch.full_like(x[:, :, j], float("-inf")), x[:, :, j])
-    return x
+def _random_prob(seed, offset, position, N: int) -> torch.Tensor:
+    """(B, N) float64: the Philox uniform of (b, n) at RANDOM_CONFIDENCE_COLUMN."""
+    n = torch.arange(N, device=position.device)
+    return philox_uniform(seed[:, None], offset[:, None], position[:, None] + n[None, :],
+                          RANDOM_CONFIDENCE_COLUMN).to(torch.float64)
 
 
-def confidence(logits: torch.Tensor, masked: torch.Tensor, *, temperature: torch.Tensor, seed: torch.Tensor,
-               offset: torch.Tensor, position: torch.Tensor, random_confidence: torch.Tensor, special_ids=(),
-               suppress_mask: torch.Tensor | None = None, zero_conf_mask: torch.Tensor | None = None,
-               vocab_offset: int = 0, out=None):
-    """Reference of ops.confidence: logits (B, N, V), masked bool (B, N), per-row settings (B,) -> token int64 (B, N)
-    (-1 where not masked), prob float64 (B, N) (-inf where not masked)."""
+def _confidence_pass(logits, temperature, seed, offset, position, special_ids, suppress_mask, zero_conf_mask,
+                     vocab_offset, no_token: int):
+    """fp64 keys, local token (dead rows: lowest id not suppressed, else no_token) and the softmax logits (B, N, V)."""
     B, N, V = logits.shape
-    dev = logits.device
-    n_sp = len(special_ids)
-    sup = _bits(suppress_mask.to(dev), n_sp) if (n_sp and suppress_mask is not None) else None
-    zero = _bits(zero_conf_mask.to(dev), n_sp) if (n_sp and zero_conf_mask is not None) else None
     key = confidence_keys(logits, temperature=temperature, seed=seed, offset=offset, position=position,
                           special_ids=special_ids, suppress_mask=suppress_mask, vocab_offset=vocab_offset)
     token = key.argmax(-1)                                                       # (B, N), first maximum on ties
     dead = ~(key.amax(-1) > float("-inf"))                                       # every key -inf: no finite choice
-    if dead.any():   # the lowest id that is not suppressed in that row
-        lowest = torch.zeros(B, dtype=torch.int64, device=dev)
-        if sup is not None:
-            for b in range(B):
-                banned = {special_ids[i] for i in range(n_sp) if sup[b, i]}
-                lowest[b] = min(set(range(len(banned) + 1)) - banned)
-        token = torch.where(dead, lowest[:, None].expand(B, N), token)
-    soft = logits.to(torch.float64)                                              # (B, N, V)
-    if sup is not None:
-        soft = _exclude(soft, special_ids, sup | zero if zero is not None else sup, vocab_offset)
-    elif zero is not None:
-        soft = _exclude(soft, special_ids, zero, vocab_offset)
+    suppressed = special_mask(special_ids, suppress_mask, vocab_offset, V)      # (B, V)
+    lowest = torch.where((~suppressed).any(-1), (~suppressed).to(torch.int8).argmax(-1), no_token)  # (B,)
+    token = torch.where(dead, lowest[:, None].expand(B, N), token)
+    excluded = suppressed | special_mask(special_ids, zero_conf_mask, vocab_offset, V)
+    soft = logits.to(torch.float64).masked_fill(excluded[:, None, :], float("-inf"))  # (B, N, V)
+    return key, token, dead, soft
+
+
+def confidence(logits: torch.Tensor, masked: torch.Tensor, *, temperature: torch.Tensor, seed: torch.Tensor,
+               offset: torch.Tensor, position: torch.Tensor, random_confidence: torch.Tensor, special_ids,
+               suppress_mask: torch.Tensor, zero_conf_mask: torch.Tensor, vocab_offset: int = 0, out=None):
+    """Reference of ops.confidence (fp64 softmax): logits (B, N, V), masked bool (B, N) -> token int64 (B, N),
+    prob float64 (B, N), written into out = (token, prob) when given."""
+    B, N, V = logits.shape
+    _, token, dead, soft = _confidence_pass(logits, temperature, seed, offset, position, special_ids, suppress_mask,
+                                            zero_conf_mask, vocab_offset, no_token=0)
     prob = torch.softmax(soft, -1).gather(-1, token[..., None])[..., 0]          # (B, N); zero-conf token -> 0
     prob = torch.where(dead, torch.zeros_like(prob), prob.nan_to_num(0.0))
-    rand = random_confidence.to(dev).bool()
-    if bool(rand.any()):
-        pos = position.to(dev)[:, None] + torch.arange(N, device=dev)            # (B, N)
-        u = philox_uniform(seed.to(dev)[:, None], offset.to(dev)[:, None], pos, RANDOM_CONFIDENCE_COLUMN)
-        prob = torch.where(rand[:, None], u.to(torch.float64), prob)
-    token = torch.where(masked, token + vocab_offset, torch.full_like(token, -1))     # global ids
+    prob = torch.where(random_confidence[:, None], _random_prob(seed, offset, position, N), prob)
+    token = torch.where(masked, token + vocab_offset, torch.full_like(token, -1))
     prob = torch.where(masked, prob, torch.full_like(prob, float("-inf")))
-    if out is not None:
-        out[0].copy_(token)
-        out[1].copy_(prob)
-        return out
-    return token, prob
+    if out is None:
+        return token, prob
+    out[0].copy_(token)
+    out[1].copy_(prob)
+    return out
+
+
+def confidence_partial(logits: torch.Tensor, masked: torch.Tensor, *, temperature: torch.Tensor, seed: torch.Tensor,
+                       offset: torch.Tensor, position: torch.Tensor, random_confidence: torch.Tensor, special_ids,
+                       suppress_mask: torch.Tensor, zero_conf_mask: torch.Tensor, vocab_offset: int, full_vocab: int,
+                       out=None):
+    """Reference of ops.confidence_partial in fp64: one shard's ops.ConfidenceState, fields (B, N)."""
+    B, N, V = logits.shape
+    key, token, dead, soft = _confidence_pass(logits, temperature, seed, offset, position, special_ids,
+                                              suppress_mask, zero_conf_mask, vocab_offset,
+                                              no_token=full_vocab - vocab_offset)
+    best_key = torch.where(dead, float("-inf"), key.amax(-1))                   # (B, N)
+    m = soft.amax(-1)                                                            # (B, N)
+    has = m > float("-inf")
+    m0 = torch.where(has, m, 0.0)
+    ref = torch.where(has, torch.round(m0 * LOG2E), float(REF_NONE))           # any integer would do
+    shift = m0 - ref * math.log(2.0)                  # 2^(x log2 e - ref) = e^(x - m0 + shift)
+    denom = torch.where(has, torch.exp(soft - m0[..., None]).sum(-1) * torch.exp(shift), 0.0)
+    at_token = soft.gather(-1, token.clamp(max=V - 1)[..., None])[..., 0]       # -inf: zero-conf, suppressed or dead
+    num = torch.where(has & ~dead & (token < V), torch.exp(at_token - m0 + shift), 0.0)
+    num = torch.where(random_confidence[:, None], 0.0, num)
+    denom = torch.where(random_confidence[:, None], 0.0, denom)
+    ref = torch.where(random_confidence[:, None], float(REF_NONE), ref)
+    random_prob = torch.where(random_confidence[:, None], _random_prob(seed, offset, position, N), -1.0)
+    state = (torch.where(masked, best_key, float("-inf")), torch.where(masked, token + vocab_offset, -1),
+             torch.where(masked, num, 0.0), torch.where(masked, ref, float(REF_NONE)).to(torch.int32),
+             torch.where(masked, denom, 0.0), torch.where(masked, random_prob, -1.0))
+    if out is None:
+        return ops.ConfidenceState(*state)
+    for o, s in zip(out, state):
+        o.copy_(s)
+    return out
 
 
 def remask_order(block: torch.Tensor, prob: torch.Tensor, *, mask_id: int):
     """Block positions (B, N) ranked as remask ranks them: masked first, by descending prob, ties to the lower
     position; also returns masked (B, N) and the sorted probs (B, N)."""
     masked = block == mask_id                                                    # (B, N)
-    conf = torch.where(masked & ~prob.isnan(), prob.to(torch.float64), float("-inf"))
+    conf = torch.where(masked & ~prob.isnan(), prob, float("-inf"))
     order = torch.argsort(conf, dim=1, descending=True, stable=True)             # (B, N)
     order = order.gather(1, torch.argsort((~masked.gather(1, order)).to(torch.int8), dim=1, stable=True))
     return order, masked, conf.gather(1, order)
 
 
-REMASK_RULES = {"topk": 0, "threshold": 1, "factor": 2}
-
-
 def remask(block: torch.Tensor, token: torch.Tensor, prob: torch.Tensor, *, mask_id: int, k: torch.Tensor,
-           rule: torch.Tensor, threshold: torch.Tensor, factor: torch.Tensor, out=None):
-    """Reference of ops.remask: commits into block (B, N) in place with each row's rule; returns count int32 (B,)."""
+           rule: torch.Tensor, threshold: torch.Tensor, factor: torch.Tensor, out: torch.Tensor | None = None):
+    """Reference of ops.remask: commits into block (B, N) in place, every row with its own rule; returns count int32
+    (B,) (-1 for a rule code that is not one), written into out when given."""
     B, N = token.shape
-    dev = block.device
     order, masked, sorted_conf = remask_order(block, prob, mask_id=mask_id)
     m = masked.sum(1)                                                            # (B,) masked positions per row
-    rank = torch.arange(N, device=dev).expand(B, N)                              # (B, N)
-    rule = rule.to(dev).long()
-    topk = torch.minimum(k.to(dev).clamp(min=0), m)
-    passed = (sorted_conf >= threshold.to(dev, torch.float64)[:, None]) & (rank < m[:, None])
-    thr_count = torch.maximum(passed.sum(1), m.clamp(max=1))
-    # Fast-dLLM get_transfer_index_dynamic, including its top_i quirk (see csrc/cpu/remask.cpp), in fp64.
-    thr = 1.0 - factor.to(dev, torch.float64)[:, None] / (rank + 2).to(torch.float64)
+    rank = torch.arange(N, device=block.device).expand(B, N)                     # (B, N)
+    topk = torch.minimum(k.clamp(min=0), m)
+    passed = (sorted_conf >= threshold[:, None]) & (rank < m[:, None])
+    by_threshold = torch.maximum(passed.sum(1), m.clamp(max=1))
+    # Fast-dLLM get_transfer_index_dynamic, including its top_i quirk (see csrc/cpu/remask.cpp), in float64
+    thr = 1.0 - factor[:, None] / (rank + 2).to(torch.float64)
     fails = (sorted_conf < thr) & (rank >= 1) & (rank < m[:, None])
     top_i = torch.where(fails.any(1), fails.to(torch.int8).argmax(1), m - 1)
     top_i = torch.where((top_i == 0) | (top_i == m - 1), top_i + 1, top_i)
-    fac_count = torch.where(m > 0, top_i, torch.zeros_like(top_i))
-    count = torch.where(rule == 0, topk, torch.where(rule == 1, thr_count, fac_count))
-    commit = torch.zeros_like(masked).scatter(1, order, rank < count[:, None])   # (B, N)
+    by_factor = torch.where(m > 0, top_i, torch.zeros_like(top_i))
+    count = torch.where(rule == 0, topk, torch.where(rule == 1, by_threshold,
+                                                     torch.where(rule == 2, by_factor, torch.full_like(m, -1))))
+    commit = torch.zeros_like(masked).scatter(1, order, rank < count[:, None])  # (B, N)
     block.copy_(torch.where(commit, token, block))
     count = count.to(torch.int32)
-    if out is not None:
-        out.copy_(count)
-        return out
-    return count
+    if out is None:
+        return count
+    out.copy_(count)
+    return out
 
 
 # ---- attention -----------------------------------------------------------------------------------------------------
