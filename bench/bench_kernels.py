@@ -20,7 +20,7 @@ from llada_rt import ops, reference
 _L2_FLUSH: dict[torch.device, torch.Tensor] = {}
 
 
-def _time_once(fn, device: torch.device) -> float:
+def _time_once(fn, device: torch.device, clock=time.perf_counter) -> float:
     if device.type == "cuda":
         _L2_FLUSH.setdefault(device, torch.empty(256 << 20, dtype=torch.uint8, device=device)).zero_()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -29,9 +29,9 @@ def _time_once(fn, device: torch.device) -> float:
         end.record()
         end.synchronize()
         return start.elapsed_time(end) * 1e3
-    t0 = time.perf_counter()
+    t0 = clock()
     fn()
-    return (time.perf_counter() - t0) * 1e6
+    return (clock() - t0) * 1e6
 
 
 def timed(fn, *, device: torch.device, warmup: int = 3, iters: int = 30) -> float:
@@ -39,16 +39,16 @@ def timed(fn, *, device: torch.device, warmup: int = 3, iters: int = 30) -> floa
     return timed_many([fn], device=device, warmup=warmup, iters=iters)[0]
 
 
-def timed_many(fns, *, device: torch.device, warmup: int = 3, iters: int = 30) -> list[float]:
+def timed_many(fns, *, device: torch.device, warmup: int = 3, iters: int = 30, clock=time.perf_counter) -> list[float]:
     """Median microseconds of each callable, timed round-robin so that load from other processes on a shared machine
-    falls on every callable alike."""
+    falls on every callable alike; on the CPU by `clock` (e.g. time.thread_time for one thread's CPU time)."""
     for fn in fns:
         for _ in range(warmup):
             fn()
     times = [[] for _ in fns]
     for _ in range(iters):
         for t, fn in zip(times, fns):
-            t.append(_time_once(fn, device))
+            t.append(_time_once(fn, device, clock))
     return [statistics.median(t) for t in times]
 
 

@@ -33,6 +33,7 @@ import tasks  # noqa: E402
 from llada_rt.config import LLaDAConfig  # noqa: E402
 from llada_rt.model import forward  # noqa: E402
 from llada_rt.tokenizer import Tokenizer  # noqa: E402
+from llada_rt.linear import Linear  # noqa: E402
 from llada_rt.weights import ModelWeights, init_weights, save_checkpoint  # noqa: E402
 
 DEFAULT_OUT = ROOT / "llada_rt" / "models" / "small"
@@ -219,8 +220,11 @@ def check_options(tc: TrainConfig) -> None:
 
 
 def params_of(w: ModelWeights) -> list[torch.Tensor]:
-    """The tensors themselves (dataclasses.astuple would deep-copy them, and the copies would be trained)."""
-    return [w.embed, w.ln_f, w.lm_head] + [getattr(l, f.name) for l in w.layers for f in dataclasses.fields(l)]
+    """The tensors themselves (dataclasses.astuple would deep-copy them, and the copies would be trained); a Linear's
+    dense() is its held fp32 tensor (init_weights and load_weights build them on the plain torch_nk layout)."""
+    return [w.embed, w.ln_f, w.lm_head.dense()] + [
+        getattr(l, f.name).dense() if isinstance(getattr(l, f.name), Linear) else getattr(l, f.name)
+        for l in w.layers for f in dataclasses.fields(l)]
 
 
 def train(tc: TrainConfig, out: Path, log=print, command: str | None = None, init_from: Path | None = None) -> dict:
@@ -244,14 +248,14 @@ def train(tc: TrainConfig, out: Path, log=print, command: str | None = None, ini
 
         if load_config(init_from) != cfg:
             raise ValueError(f"--init-from {init_from}: its config.json differs from the model asked for")
-        w = load_weights(init_from, cfg, "cpu", torch.float32)
+        w = load_weights(init_from, cfg, "cpu", torch.float32, path="torch_nk")
         log(f"initialised from {init_from}")
     else:
         w = init_weights(cfg, seed=tc.seed, std=tc.init_std)
         w.embed.mul_(tc.embed_std)  # init_weights draws the embedding with std 1
         for l in w.layers:  # residual-branch outputs scaled down with depth (GPT-2 style) for a stable start
-            l.wo.mul_(1 / math.sqrt(2 * tc.n_layers))
-            l.w_down.mul_(1 / math.sqrt(2 * tc.n_layers))
+            l.wo.dense().mul_(1 / math.sqrt(2 * tc.n_layers))
+            l.w_down.dense().mul_(1 / math.sqrt(2 * tc.n_layers))
     params = params_of(w)
     for t in params:
         t.requires_grad_(True)
@@ -303,11 +307,7 @@ def train(tc: TrainConfig, out: Path, log=print, command: str | None = None, ini
 def save(out: Path, cfg: LLaDAConfig, w: ModelWeights, ids: dict, tc: TrainConfig, step: int, train_s: float,
          ema: float, command: str | None) -> None:
     """config.json + model.safetensors (fp32) + generation_config.json + training.json into out."""
-    final = ModelWeights(embed=w.embed.detach(),
-                         layers=[type(l)(**{f.name: getattr(l, f.name).detach() for f in dataclasses.fields(l)})
-                                 for l in w.layers],
-                         ln_f=w.ln_f.detach(), lm_head=w.lm_head.detach())
-    save_checkpoint(out, cfg, final)
+    save_checkpoint(out, cfg, w)  # to_hf_state_dict detaches every tensor
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": ids["bos_token_id"], "eos_token_id": ids["eos_token_id"], **GENERATION_DEFAULTS},
         indent=2) + "\n")

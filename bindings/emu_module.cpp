@@ -7,6 +7,7 @@ namespace py = pybind11;
 void register_emu_advance(py::module_& m);
 void register_emu_attention(py::module_& m);
 void register_emu_confidence(py::module_& m);
+void register_emu_linear(py::module_& m);
 void register_emu_remask(py::module_& m);
 
 PYBIND11_MODULE(_emu, m) {
@@ -14,5 +15,6 @@ PYBIND11_MODULE(_emu, m) {
   register_emu_advance(m);
   register_emu_attention(m);
   register_emu_confidence(m);
+  register_emu_linear(m);
   register_emu_remask(m);
 }

@@ -1,6 +1,7 @@
 // PYBIND11_MODULE(_C): one function per op and device, taking a params object (or integer pointers and sizes) and a
 // stream; releases the GIL.
 #include "cpu/vec.h"
+#include "cpu/cpu_features.h"
 #include "params.h"
 
 namespace py = pybind11;
@@ -75,6 +76,24 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa", [] { return std::string(cpu::kIsaNames[static_cast<int>(cpu::active_isa())]); },
         "the instruction set the rms_norm, rope, silu_mul and attention CPU kernels run with now");
 
+  m.def("linear_cpu", [](uintptr_t out, uintptr_t x, uintptr_t w, uintptr_t scale, int64_t x_stride,
+                         int64_t out_stride, int M, int N, int K, int x_dtype, int layout, int n_threads) {
+    LinearParams p = linear_params(out, x, w, scale, x_stride, out_stride, M, N, K, x_dtype, layout, n_threads);
+    py::gil_scoped_release nogil;
+    linear_cpu(p);
+  }, LLADA_LINEAR_ARGS);
+  m.def("linear_cpu_supports", [](int layout) { return linear_cpu_supports(static_cast<WeightLayout>(layout)); },
+        py::arg("layout"));
+  m.def("cpu_features", []() {
+    const CpuFeatures& f = cpu_features();
+    py::dict d;
+    d["avx2"] = f.avx2; d["fma"] = f.fma; d["avx512f"] = f.avx512f; d["avx512bw"] = f.avx512bw;
+    d["avx512vl"] = f.avx512vl; d["avx512dq"] = f.avx512dq; d["avx512_bf16"] = f.avx512bf16;
+    d["avx512_vnni"] = f.avx512vnni; d["amx_tile"] = f.amx_tile; d["amx_bf16"] = f.amx_bf16;
+    d["amx_int8"] = f.amx_int8;
+    return d;
+  }, "x86 extensions from cpuid (AVX-512 ones only when the OS saves the AVX-512 state)");
+
 #if defined(LLADA_WITH_CUDA)
   m.def("advance_cuda", [](std::vector<uintptr_t> state, int64_t canvas_stride, int B, int N, int64_t mask_id,
                            int64_t fill_id, std::vector<int64_t> stop_ids, int64_t skip_slot, uintptr_t stream) {
@@ -100,5 +119,13 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release nogil;
     run_attention(p, reinterpret_cast<void*>(stream));
   }, LLADA_ATTENTION_ARGS, py::arg("stream"));
+
+  m.def("linear_cuda", [](uintptr_t out, uintptr_t x, uintptr_t w, uintptr_t scale, int64_t x_stride,
+                          int64_t out_stride, int M, int N, int K, int x_dtype, int layout, uintptr_t stream) {
+    LinearParams p = linear_params(out, x, w, scale, x_stride, out_stride, M, N, K, x_dtype, layout, /*n_threads=*/1);
+    py::gil_scoped_release nogil;
+    run_linear(p, reinterpret_cast<void*>(stream));
+  }, py::arg("out"), py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("x_stride"), py::arg("out_stride"),
+     py::arg("M"), py::arg("N"), py::arg("K"), py::arg("x_dtype"), py::arg("layout"), py::arg("stream"));
 #endif
 }

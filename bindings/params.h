@@ -9,6 +9,7 @@
 #include "advance.h"
 #include "attention.h"
 #include "confidence.h"
+#include "linear.h"
 #include "remask.h"
 #include "rms_norm.h"
 #include "rope.h"
@@ -204,5 +205,23 @@ inline AdvanceParams advance_params(const std::vector<uintptr_t>& state, int64_t
 #define LLADA_ADVANCE_ARGS                                                                                         \
   py::arg("state"), py::arg("canvas_stride"), py::arg("B"), py::arg("N"), py::arg("mask_id"), py::arg("fill_id"), \
       py::arg("stop_ids"), py::arg("skip_slot")
+
+inline LinearParams linear_params(uintptr_t out, uintptr_t x, uintptr_t w, uintptr_t scale, int64_t x_stride,
+                                  int64_t out_stride, int M, int N, int K, int x_dtype, int layout, int n_threads) {
+  if (layout < 0 || layout > 3) throw std::invalid_argument("llada_rt: unknown weight layout " + std::to_string(layout));
+  LinearParams p{};
+  p.out_ptr = ptr<void>(out); p.x_ptr = ptr<const void>(x); p.w_ptr = ptr<const void>(w);
+  p.scale_ptr = ptr<const float>(scale);
+  p.x_stride = x_stride; p.out_stride = out_stride;
+  p.M = M; p.N = N; p.K = K;
+  p.x_dtype = dtype_from_int(x_dtype);
+  p.layout = static_cast<WeightLayout>(layout);
+  p.n_threads = n_threads;
+  return p;
+}
+
+#define LLADA_LINEAR_ARGS                                                                                        \
+  py::arg("out"), py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("x_stride"), py::arg("out_stride"),       \
+      py::arg("M"), py::arg("N"), py::arg("K"), py::arg("x_dtype"), py::arg("layout"), py::arg("n_threads")
 
 }  // namespace llada::bind

@@ -370,6 +370,22 @@ def cmd_info(args) -> int:
     return EXIT_OK
 
 
+def cmd_quantize(args) -> int:
+    """Writes the int8 checkpoint of SRC into the new directory DST (layout: llada_rt/weights.py, README)."""
+    from .weights import quantize_checkpoint
+
+    src = Path(args.src)
+    if not src.is_dir():
+        raise UsageError(f"{src}: no such directory (a LLaDA checkpoint directory holds config.json, model.safetensors "
+                         "and tokenizer.json)")
+    t0 = time.perf_counter()
+    stats = quantize_checkpoint(src, Path(args.dst))
+    print(f"{args.dst}: {len(stats['quantized'])} weights int8 with per-output-channel scales, "
+          f"{_human_bytes(stats['bytes_in'])} -> {_human_bytes(stats['bytes_out'])} in "
+          f"{time.perf_counter() - t0:.1f}s; load it with llada_rt.Runtime({str(args.dst)!r}) or --model")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", "-m", default=None, metavar="DIR",
@@ -442,6 +458,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="uvicorn's log level (default: info)")
     _add_generation_options(s)
     s.set_defaults(func=cmd_serve)
+    q = sub.add_parser("quantize", help="write an int8 copy of a checkpoint",
+                       description="Quantize every linear weight of SRC (the LM head included) to int8 with symmetric "
+                                   "per-output-channel scales and write the checkpoint to the new directory DST; "
+                                   "the embedding and norms keep their dtype. DST loads directly.")
+    q.add_argument("src", metavar="SRC", help="a float LLaDA checkpoint directory")
+    q.add_argument("dst", metavar="DST", help="the directory to write (must not exist or be empty)")
+    q.add_argument("--debug", action="store_true", help="show tracebacks")
+    q.set_defaults(func=cmd_quantize)
 
     i = sub.add_parser("info", parents=[common], help="checkpoint summary",
                        description="Architecture, parameter count, dtype, size on disk and special token ids.")

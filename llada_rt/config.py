@@ -118,6 +118,9 @@ _FIXED = {
     "input_emb_norm": ({False}, "embedding scaling is not implemented"),
     "clip_qkv": ({None}, "q/k/v clipping is not implemented"),
 }
+# The quantization_config of an int8 checkpoint written by `llada-rt quantize` (layout: weights.py).
+INT8_QUANTIZATION_CONFIG = {"quant_method": "llada_rt_int8", "bits": 8, "scheme": "symmetric_per_output_channel",
+                            "scale_suffix": "_scale"}
 _REQUIRED = ("d_model", "n_layers", "n_heads", "vocab_size", "max_sequence_length", "mask_token_id", "eos_token_id")
 
 
@@ -138,6 +141,7 @@ class LLaDAConfig:
     rope_full_precision: bool = True
     rms_norm_eps: float = 1e-5
     weight_tying: bool = False
+    quantization: str | None = None   # "int8": the linear weights are stored int8 with per-row scales (weights.py)
     extra: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # informational keys, kept for to_dict
 
     @property
@@ -207,8 +211,16 @@ class LLaDAConfig:
             if tid == mask_id:
                 raise ConfigError(f"{source}: {name} equals mask_token_id ({mask_id}); the sampler could not tell "
                                   "that token from a still-masked position")
+        quantization = None
+        qc = d.get("quantization_config")
+        if qc is not None:
+            if qc != INT8_QUANTIZATION_CONFIG:
+                raise ConfigError(f"{source}: quantization_config {qc!r} is not supported; llada_rt reads float "
+                                  f"checkpoints and its own int8 ones (`llada-rt quantize`, quantization_config "
+                                  f"{INT8_QUANTIZATION_CONFIG})")
+            quantization = "int8"
         known = {f.name for f in dataclasses.fields(cls)} | set(_FIXED) | {"model_type", "multi_query_attention",
-                                                                             "mlp_ratio"}
+                                                                             "mlp_ratio", "quantization_config"}
         return cls(
             d_model=d_model, n_layers=_int(d, "n_layers", source), n_heads=n_heads, n_kv_heads=n_kv,
             mlp_hidden_size=mlp, vocab_size=vocab, embedding_size=emb,
@@ -222,7 +234,7 @@ class LLaDAConfig:
             rms_norm_eps=_float(d, "rms_norm_eps", source, 1e-5, at_least=_FLOAT32_TINY,
                                 why=", the smallest normal float32 (LLaDA-8B uses 1e-05)"),
             weight_tying=_bool(d, "weight_tying", source, False),
-            extra={k: v for k, v in d.items() if k not in known},
+            quantization=quantization, extra={k: v for k, v in d.items() if k not in known},
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -243,6 +255,8 @@ class LLaDAConfig:
             "rope_full_precision": self.rope_full_precision, "rope_theta": self.rope_theta, "scale_logits": False,
             "use_cache": False, "vocab_size": self.vocab_size, "weight_tying": self.weight_tying,
         }
+        if self.quantization == "int8":
+            d["quantization_config"] = dict(INT8_QUANTIZATION_CONFIG)
         d.update(self.extra)
         return d
 

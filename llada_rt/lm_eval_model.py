@@ -17,7 +17,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from .decoding import GenerationConfig
+from .generation_config import GenerationConfig
 from .runtime import Runtime
 
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"

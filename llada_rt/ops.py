@@ -864,3 +864,153 @@ def advance(status, canvas, slots, block_start, step, nsteps, k, spb, prompt_len
         _C.advance_cuda(*args, _stream(canvas))
     else:
         _C.advance_cpu(*args)
+
+
+# ---- linear --------------------------------------------------------------------------------------------------------
+
+_lib.define("linear_out(Tensor(a!) out, Tensor x, Tensor w, Tensor? scale, int layout) -> ()")
+
+# A Linear's path (llada_rt/linear.py) -> the WeightLayout code of csrc/linear.h that our kernels read; the torch paths
+# ("torch_nk": W (N, K) as stored, "torch_kn": W^T (K, N) contiguous) go to torch.mm.
+LINEAR_LAYOUTS = {"blocked_f32": 0, "blocked_bf16": 1, "blocked_int8": 2, "rows_int8": 3}
+LINEAR_PATHS = ("torch_nk", "torch_kn", *LINEAR_LAYOUTS)
+LINEAR_BLOCK_N = 16   # kLinearBlockN in csrc/linear.h
+LINEAR_PANEL_N = 64   # kLinearPanelN: the blocked layouts pad N to a multiple of it
+_LINEAR_TENSOR_DTYPES = {"blocked_f32": torch.float32, "blocked_bf16": torch.bfloat16, "blocked_int8": torch.int8,
+                         "rows_int8": torch.int8}
+# activation dtypes each kernel path takes (the output has the activations' dtype)
+_LINEAR_X_DTYPES = {"blocked_f32": (torch.float32,), "blocked_bf16": (torch.bfloat16,),
+                    "blocked_int8": (torch.float32, torch.bfloat16), "rows_int8": (torch.bfloat16,)}
+
+
+def linear_weight_shape(path: str, N: int, K: int) -> tuple[int, ...]:
+    """The shape of the tensor a Linear on `path` holds for W (N, K) (the layouts of csrc/linear.h)."""
+    Np = -(-N // LINEAR_PANEL_N) * LINEAR_PANEL_N
+    return {"torch_nk": (N, K), "torch_kn": (K, N), "rows_int8": (N, K),
+            "blocked_f32": (Np // LINEAR_BLOCK_N, K, LINEAR_BLOCK_N),
+            "blocked_bf16": (Np // LINEAR_BLOCK_N, -(-K // 2), LINEAR_BLOCK_N, 2),
+            "blocked_int8": (Np // LINEAR_BLOCK_N, -(-K // 2), LINEAR_BLOCK_N, 2)}[path]
+
+
+def linear_path_supported(path: str, device: torch.device | str) -> bool:
+    """Whether ops.linear can run `path` on this device here (CPU: the kernel's instructions; CUDA: a CUDA build)."""
+    device = torch.device(device)
+    if path in ("torch_nk", "torch_kn"):
+        return True
+    if path == "rows_int8":
+        return device.type == "cuda" and _C.with_cuda
+    return device.type == "cpu" and path in LINEAR_LAYOUTS and _C.linear_cpu_supports(LINEAR_LAYOUTS[path])
+
+
+def cpu_features() -> dict[str, bool]:
+    """The x86 extensions the CPU kernels dispatch on (cpuid; AVX-512 ones only when the OS enables them)."""
+    return dict(_C.cpu_features())
+
+
+_LINEAR_PATH_OF = {c: p for p, c in LINEAR_LAYOUTS.items()}
+_LINEAR_SUPPORTED: dict[int, bool] = {}   # layout code -> this CPU runs it (cpuid does not change)
+
+
+def _check_linear_kernel(out, x, w, scale, layout) -> None:
+    # The checks are plain conditions and the messages are built only on failure: a small model calls this for every
+    # linear of every step, where formatting them each time cost several times the kernel.
+    op = "linear"
+    path = _LINEAR_PATH_OF.get(layout)
+    _check(path is not None, op, f"unknown weight layout code {layout}")
+    if x.dim() != 2 or out.dim() != 2:
+        _check(False, op, f"x and out must be 2-D, got {tuple(x.shape)} and {tuple(out.shape)}")
+    M, K = x.shape
+    N = out.shape[1]
+    if out.shape[0] != M:
+        _check(False, op, f"out must have x's {M} rows, got {tuple(out.shape)}")
+    if x.dtype not in _LINEAR_X_DTYPES[path]:
+        _check(False, op, f"the {path} weights take activations in "
+               f"{[str(d).replace('torch.', '') for d in _LINEAR_X_DTYPES[path]]}, got x in {x.dtype}")
+    if out.dtype != x.dtype:
+        _check(False, op, f"out must have x's dtype {x.dtype}, got {out.dtype}")
+    if w.dtype != _LINEAR_TENSOR_DTYPES[path] or tuple(w.shape) != linear_weight_shape(path, N, K):
+        _check(False, op, f"the {path} weight for (N, K) = ({N}, {K}) must be {_LINEAR_TENSOR_DTYPES[path]} "
+               f"{linear_weight_shape(path, N, K)}, got {w.dtype} {tuple(w.shape)}")
+    if not w.is_contiguous():
+        _check(False, op, "the weight must be contiguous (as llada_rt.linear.Linear builds it)")
+    if path in ("blocked_int8", "rows_int8") and (scale is None or scale.dtype != torch.float32
+                                                  or tuple(scale.shape) != (N,) or not scale.is_contiguous()):
+        _check(False, op, f"int8 weights need float32 contiguous scales of shape ({N},)")
+    for name, t in (("x", x), ("w", w), ("scale", scale)):
+        if t is not None and t.device != out.device:
+            _check(False, op, f"{name} is on {t.device} but out is on {out.device}")
+    if x.stride(1) != 1 or out.stride(1) != 1:
+        _check(False, op, f"x and out must have unit stride over their last dimension, got strides {x.stride()} and "
+               f"{out.stride()}")
+    if max(M, N, K) >= 2**31:
+        _check(False, op, f"sizes must be < 2**31, got (M, N, K) = ({M}, {N}, {K})")
+    if out.is_cuda:
+        _check(path == "rows_int8", op, f"the {path} weights are a CPU layout; on CUDA int8 weights are rows_int8")
+        if K % 16 or x.stride(0) % 8 or x.data_ptr() % 16 or w.data_ptr() % 16:
+            _check(False, op, f"the CUDA int8 kernel needs K % 16 == 0 and 16-byte aligned rows of x and W, got K = "
+                   f"{K}, x row stride {x.stride(0)}")
+    else:
+        _check(path != "rows_int8", op, "rows_int8 is the CUDA layout; on the CPU int8 weights are blocked_int8")
+        if layout not in _LINEAR_SUPPORTED:
+            _LINEAR_SUPPORTED[layout] = _C.linear_cpu_supports(layout)
+        if not _LINEAR_SUPPORTED[layout]:
+            _check(False, op, f"this CPU lacks the instructions of the {path} kernel (cpu_features(): "
+                   f"{cpu_features()}); build the Linear with a torch path instead")
+
+
+def _linear_out_impl(out, x, w, scale, layout):
+    _check_linear_kernel(out, x, w, scale, layout)
+    M, K = x.shape
+    N = out.shape[1]
+    if M == 0 or N == 0:
+        return
+    args = (out.data_ptr(), x.data_ptr(), w.data_ptr(), 0 if scale is None else scale.data_ptr(), x.stride(0),
+            out.stride(0), M, N, K, DTYPE_CODES[x.dtype], layout)
+    if out.is_cuda:
+        _require_cuda_build("linear")
+        _C.linear_cuda(*args, _stream(out))
+    else:
+        _C.linear_cpu(*args, torch.get_num_threads())
+
+
+_lib.impl("linear_out", _linear_out_impl, "CPU")
+_lib.impl("linear_out", _linear_out_impl, "CUDA")
+
+
+@torch.library.register_fake("llada_rt::linear_out")
+def _linear_out_fake(out, x, w, scale, layout):
+    _check_linear_kernel(out, x, w, scale, layout)
+
+
+def linear(x: torch.Tensor, w, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ W^T -> (..., N) for a llada_rt.linear.Linear w, by the path it was built for, written into `out`
+    when given (then nothing is allocated: x must be contiguous, out (..., N) with contiguous rows).
+
+    Paths: torch_nk / torch_kn run torch.mm on W (N, K) or W^T (K, N) (fp32/bf16/fp16, any device); blocked_f32 /
+    blocked_bf16 (CPU) our AVX-512 kernels, fp32 or bf16 in and out, fp32 accumulation. int8 weights, output in x's
+    dtype: blocked_int8 (CPU) quantizes each row of x (fp32 or bf16) to int16 (scale max |x| / 32767, half to even),
+    sums x q exactly in int32 over 256 k at a time (AVX512-VNNI), then in fp32, times both scales; rows_int8 (CUDA)
+    dequantises q exactly to bf16 for mma.sync with bf16 x, fp32 accumulation, times the column scale.
+    """
+    K, N = w.K, w.N
+    if x.shape[-1] != K:
+        _check(False, "linear", f"x has {x.shape[-1]} features (last dimension) but the weight takes K = {K}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K) if x.dim() != 2 else x                                  # (M, K), a view when contiguous
+    if out is None:
+        out = torch.empty((*lead, N), dtype=x.dtype, device=x.device)
+    if out.shape[:-1] != lead or out.shape[-1] != N:
+        _check(False, "linear", f"out must have shape {(*lead, N)}, got {tuple(out.shape)}")
+    out2 = out.view(-1, N) if out.dim() != 2 else out                            # (M, N)
+    if w.path in ("torch_nk", "torch_kn"):
+        t = w.tensor
+        if x.dtype != t.dtype or out.dtype != t.dtype:
+            _check(False, "linear", f"the weight is {t.dtype}; x and out must be too, got {x.dtype} and {out.dtype}")
+        if t.device != x.device:
+            _check(False, "linear", f"the weight is on {t.device} but x is on {x.device}")
+        torch.mm(x2, t.t() if w.path == "torch_nk" else t, out=out2)
+    elif w.path in LINEAR_LAYOUTS:
+        torch.ops.llada_rt.linear_out(out2, x2, w.tensor, w.scale, LINEAR_LAYOUTS[w.path])
+    else:
+        raise OpInputError(f"llada_rt.ops.linear: unknown path {w.path!r}; paths: {', '.join(LINEAR_PATHS)}")
+    return out

@@ -243,12 +243,6 @@ def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
     return out.copy_(y) if out is not None else y
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K) @ weight (N, K)^T -> (M, N)."""
-    y = torch.nn.functional.linear(x, weight)
-    return out.copy_(y) if out is not None else y
-
-
 # ---- engine bookkeeping ------------------------------------------------------------------------------------------
 
 ADVANCE_BLOCK_DONE, ADVANCE_DONE, ADVANCE_EARLY = 1, 2, 4   # status bits written by advance
@@ -297,3 +291,15 @@ def advance(status, canvas, slots, block_start, step, nsteps, k, spb, prompt_len
         k[s] = N // sp + (1 if int(step[s]) < N % sp else 0)
         status[s] = (ADVANCE_DONE if done else 0) | (ADVANCE_BLOCK_DONE if block_done else 0) | \
             (ADVANCE_EARLY if early else 0)
+# ---- linear --------------------------------------------------------------------------------------------------------
+
+def linear(x: torch.Tensor, w, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference of ops.linear in fp32: x (..., K) @ w.dense()^T -> (..., N) in x's dtype (int8 weights dequantised);
+    differentiable: for fp32 x and dense fp32 weights this is F.linear on the held tensor itself (training)."""
+    y = torch.nn.functional.linear(x.float(), w.dense().float()).to(x.dtype)
+    if out is None:
+        return y
+    out.copy_(y)
+    return out
+
+

@@ -132,8 +132,8 @@ class Runtime:
     """
 
     def __init__(self, path: str | Path | None = None, device: str | torch.device | None = None,
-                 dtype: torch.dtype | str | None = None, *, backend: str = "ops", max_rows: int | None = None,
-                 check_finite: bool = True):
+                 dtype: torch.dtype | str | None = None, quantize: str | None = None, *, backend: str = "ops",
+                 max_rows: int | None = None, check_finite: bool = True):
         self.path = Path(path) if path is not None else SHIPPED_MODEL
         if not self.path.is_dir():
             where = "the shipped model" if path is None else "the checkpoint directory"
@@ -153,7 +153,10 @@ class Runtime:
         self.dtype = dtype
         self.config = load_config(self.path)
         self.tokenizer = Tokenizer(self.path, mask_id=self.config.mask_token_id, eos_id=self.config.eos_token_id)
-        self.weights = load_weights(self.path, self.config, self.device, dtype, check_finite=check_finite)
+        # quantize "int8": every linear (LM head included) int8 with per-output-channel scales; an int8 checkpoint
+        # (`llada-rt quantize`) loads as int8 without it
+        self.weights = load_weights(self.path, self.config, self.device, dtype, quantize=quantize,
+                                    check_finite=check_finite)
         self.generation_defaults = check_defaults(load_generation_config(self.path, vocab_size=self.config.vocab_size),
                                                   str(self.path / GENERATION_CONFIG_FILE))
         self.engine = Engine(self.config, self.weights, self.device, stop_ids=self.tokenizer.stop_ids,
