@@ -250,13 +250,10 @@ def test_chat_keeps_the_session_when_the_history_outgrows_the_context(tmp_path, 
     /reset starts over (through cmd_chat in-process, on a checkpoint with a 96-token context)."""
     import io
 
-    import llada_rt
     from llada_rt import Runtime, cli as cli_module
     from llada_rt.testing import SMALL_VOCAB, write_checkpoint
 
     ckpt = write_checkpoint(tmp_path / "ckpt", vocab=SMALL_VOCAB, max_sequence_length=96)
-    # the reference ops: the compiled path for the engine's other ops is not on main yet (the CLI logic is the same)
-    monkeypatch.setattr(llada_rt, "Runtime", lambda *a, **k: Runtime(*a, backend="torch", **k), raising=False)
     seen = []
     chat = Runtime.chat
 

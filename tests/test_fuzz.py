@@ -472,10 +472,8 @@ def test_generation_config_validate_random(fields, prompt_len, device):
 def fuzz_runtime(work):
     from llada_rt import Runtime
 
-    # the reference ops: the compiled path for the engine's other ops is not on main yet; termination is the
-    # engine's (advance, the rule caps), the same on both backends
     ckpt = write_checkpoint(work / "gen_ckpt", vocab=SMALL_VOCAB, eos_scale=0.3, max_sequence_length=64)
-    return Runtime(ckpt, device="cpu", backend="torch")
+    return Runtime(ckpt, device="cpu")
 
 
 @settings(BOUNDED, max_examples=int(_N) if _N else 25)
