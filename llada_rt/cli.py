@@ -5,14 +5,19 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
-from .runtime import MASK_GLYPH  # shown for a still-masked position in --stream
-
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+# Exit codes (listed in `llada-rt --help` and README): 0 done; 1 the checkpoint or the runtime failed; 2 a bad
+# argument, option or prompt; 130 interrupted (Ctrl-C); 141 standard output closed by its reader (as SIGPIPE).
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 130, 141
+EXIT_CODES = ("exit codes: 0 done; 1 the checkpoint or the runtime failed; 2 a bad argument, option or prompt; "
+              "130 interrupted (Ctrl-C); 141 standard output closed by its reader")
 
 
 class UsageError(Exception):
@@ -86,19 +91,39 @@ def _load(args, **runtime_options):
     return Runtime(args.model, device=args.device, dtype=args.dtype, **runtime_options)
 
 
+def _decode(data: bytes, source: str) -> str:
+    """UTF-8 text (a leading byte-order mark dropped); anything else is a usage error naming the source and byte."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{source}: not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x}); save it as UTF-8") \
+            from None
+
+
+def _read_stdin() -> str:
+    if sys.stdin is None:
+        raise UsageError("no prompt: stdin is closed; pass the prompt as an argument or with --file PATH")
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8",
+                                                                                               "surrogateescape")
+    return _decode(data, "stdin")
+
+
 def _read_prompt(args) -> str:
     if args.prompt is not None and args.file is not None:
         raise UsageError("give the prompt either as an argument or with --file, not both")
     if args.file is not None:
+        if args.file == "-":
+            return _read_stdin()
         try:
-            return Path(args.file).read_text() if args.file != "-" else sys.stdin.read()
+            data = Path(args.file).read_bytes()
         except OSError as e:
             raise UsageError(f"--file {args.file}: {e.strerror or e}") from None
+        return _decode(data, f"--file {args.file}")
     if args.prompt is not None and args.prompt != "-":
         return args.prompt
-    if sys.stdin.isatty() and args.prompt is None:
+    if args.prompt is None and sys.stdin is not None and sys.stdin.isatty():
         raise UsageError("no prompt: pass it as an argument, with --file PATH, or on stdin")
-    return sys.stdin.read()
+    return _read_stdin()
 
 
 class _Frame:
@@ -126,6 +151,8 @@ def _bar(done: int, total: int, width: int = 24) -> str:
 
 def _stream(rt, prompt: str, opts: dict, chat, stream) -> tuple[str, int]:
     """Generates while showing the canvas unmask step by step; returns (final text, nfe)."""
+    from .runtime import MASK_GLYPH  # shown for a still-masked position
+
     glyph = MASK_GLYPH if (getattr(stream, "encoding", "") or "").lower().startswith("utf") else "_"
     frame = _Frame(stream)
     t0 = time.perf_counter()
@@ -167,11 +194,22 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    """Multi-turn REPL (Runtime.chat): every turn sees the conversation so far, as ML-GSAI chat.py."""
+    """Multi-turn REPL (Runtime.chat): every turn sees the conversation so far, as ML-GSAI chat.py. A turn that cannot
+    run (a message too long for the context, not valid text) is refused with a one-line error and the session goes
+    on; when the history outgrows the context, the oldest turns are left out with a notice."""
+    from .generation_config import GenerationConfigError
+    from .prompts import PromptError
+
+    if sys.stdin is None:
+        raise UsageError("stdin is closed; chat reads the conversation from stdin")
+    if hasattr(sys.stdin, "reconfigure"):   # a line that is not UTF-8 is then refused as its own turn, by position
+        sys.stdin.reconfigure(errors="surrogateescape")
     rt = _load(args)
     opts = _options(args)
     if not rt.tokenizer.is_chat:
         raise UsageError(f"{rt.path}: the checkpoint has no chat_template (a Base model); use `generate` instead")
+    # bad options: a usage error before the first turn, not a refusal of every turn
+    rt.make_config(opts).validate(None, rt.config.max_sequence_length, rt.device.type)
     interactive = sys.stdin.isatty()
     if interactive:
         print("llada-rt chat: type a message; /reset starts over, /exit (or Ctrl-D) quits.", flush=True)
@@ -191,7 +229,12 @@ def cmd_chat(args) -> int:
             print("(conversation cleared)", flush=True)
             continue
         messages.append({"role": "user", "content": msg})
-        res = rt.chat(messages, **opts)
+        try:
+            res = rt.chat(messages, **opts)
+        except (GenerationConfigError, PromptError) as e:
+            messages.pop()
+            print(f"llada-rt chat: turn refused: {e} (the conversation so far is kept)", file=sys.stderr, flush=True)
+            continue
         if res.dropped_turns:
             print(f"(the conversation outgrew the context: the oldest {res.dropped_turns} turn(s) were left out)",
                   file=sys.stderr, flush=True)
@@ -269,7 +312,8 @@ def _human_bytes(n: float) -> str:
 
 def cmd_info(args) -> int:
     """Checkpoint summary from config.json, the safetensors headers and the tokenizer files (no weights loaded)."""
-    from .config import load_config, load_generation_config
+    from .config import GENERATION_CONFIG_FILE, load_config, load_generation_config
+    from .generation_config import check_defaults
     from .runtime import SHIPPED_MODEL
     from .tokenizer import Tokenizer
     from .weights import checkpoint_files, read_header, validate
@@ -281,6 +325,7 @@ def cmd_info(args) -> int:
     tok = Tokenizer(path, mask_id=cfg.mask_token_id, eos_id=cfg.eos_token_id)
     validate(cfg, path)
     gen_cfg = load_generation_config(path, vocab_size=cfg.vocab_size)
+    check_defaults(gen_cfg, str(path / GENERATION_CONFIG_FILE))   # what generate would refuse, info reports too
     files = checkpoint_files(path)
     n_params, dtypes = 0, set()
     for f in set(files.values()):
@@ -345,16 +390,18 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", "-m", default=None, metavar="DIR",
                         help="LLaDA checkpoint directory (default: the small model shipped with llada_rt)")
-    common.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    common.add_argument("--device", default=None, type=_device,
+                        help="cpu, cuda or cuda:N (default: cuda when available)")
     common.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
                         help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
-    common.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    common.add_argument("--threads", type=_threads, default=None, metavar="N", help="CPU threads for torch")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
 
     p = argparse.ArgumentParser(
         prog="llada-rt", description="Run LLaDA masked-diffusion language models with llada_rt.",
         epilog="examples:\n  llada-rt generate \"Reverse the string: hello\"\n"
-               "  echo \"What is 12 + 30?\" | llada-rt generate --stream\n  llada-rt chat\n  llada-rt info",
+               "  echo \"What is 12 + 30?\" | llada-rt generate --stream\n  llada-rt chat\n  llada-rt info\n\n"
+               + EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -427,36 +474,124 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        if args.command not in ("bench", "eval"):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        passed_on = "bench_args" if args.command == "bench" else "lm_eval_args"  # the benchmark's / lm-eval's options
-        setattr(args, passed_on, extra + list(getattr(args, passed_on)))
-    debug = args.debug or os.environ.get("LLADA_RT_DEBUG") == "1"
+def _device(text: str) -> str:
+    """--device: cpu, cuda or cuda:N (argparse reports anything else as a usage error)."""
+    if not re.fullmatch(r"cpu|cuda(:\d{1,4})?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, cuda or cuda:N")
+    return text
+
+
+_MAX_THREADS = 4096
+
+
+def _threads(text: str) -> int:
+    """--threads: a positive integer (torch's set_num_threads takes a C int)."""
     try:
-        return args.func(args)
-    except UsageError as e:
-        print(f"llada-rt {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("", file=sys.stderr)
-        return 130
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= _MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a thread count; use an integer in [1, {_MAX_THREADS}]")
+    return n
+
+
+def _say(text: str) -> None:
+    """One line on stderr, if there is a stderr to write to."""
+    if sys.stderr is not None:
+        try:
+            print(text, file=sys.stderr, flush=True)
+        except OSError:
+            pass
+
+
+def _exit_on_interrupt(signum, frame):
+    """Ctrl-C at any moment exits 130 at once: a KeyboardInterrupt raised wherever Python happens to be (inside
+    torch's import, or a Python callback of C++ code) can show a traceback or abort the process."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:   # closed, a broken pipe, or interrupted inside a write of its own: nothing to keep
+            pass
+    try:
+        os.write(2, b"\n")
+    except OSError:
+        pass
+    os._exit(EXIT_INTERRUPTED)
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe: point stdout at /dev/null, so that the interpreter's last flush does not fail again."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, AttributeError, ValueError):   # stdout without a file descriptor (captured in-process)
+        pass
+
+
+def _error_kind(e: BaseException) -> str:
+    """'usage' (exit 2: the caller's arguments, options or prompt), 'checkpoint' (exit 1: a file of the checkpoint;
+    the message names it), or 'internal' (exit 1, with a pointer to --debug). Error classes are looked up only in
+    modules already imported: an exception cannot be of a class whose module never loaded."""
+    def classes(*names):
+        out = []
+        for name in names:
+            module, cls = name.rsplit(".", 1)
+            m = sys.modules.get(f"llada_rt.{module}")
+            if m is not None:
+                out.append(getattr(m, cls))
+        return tuple(out)
+
+    if isinstance(e, (UsageError, FileNotFoundError) + classes("generation_config.GenerationConfigError",
+                                                                "prompts.PromptError")):
+        return "usage"
+    if isinstance(e, classes("config.ConfigError", "weights.CheckpointError", "tokenizer.TokenizerError")):
+        return "checkpoint"
+    return "internal"
+
+
+def main(argv=None) -> int:
+    """The llada-rt command; returns its exit code (EXIT_CODES). Never shows a traceback unless --debug."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _exit_on_interrupt) if in_main_thread else None
+    try:
+        return _main(argv)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _main(argv) -> int:
+    if sys.stdout is None:
+        _say("llada-rt: error: standard output is closed; nothing to write the result to")
+        return EXIT_ERROR
+    command, debug = "", os.environ.get("LLADA_RT_DEBUG") == "1"
+    try:
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            if args.command not in ("bench", "eval"):
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            passed_on = "bench_args" if args.command == "bench" else "lm_eval_args"  # the benchmark's / lm-eval's
+            setattr(args, passed_on, extra + list(getattr(args, passed_on)))
+        command, debug = f" {args.command}", debug or args.debug
+        code = args.func(args)
+        sys.stdout.flush()   # here, so that a closed pipe is reported as one, not at interpreter exit
+        return code
+    except KeyboardInterrupt:   # a SIGINT handler other than ours (main() called from a thread)
+        _say("")
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
-        return EXIT_OK
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except Exception as e:  # every other failure: one clear line, the traceback only with --debug
         if debug:
             raise
-        from .generation_config import GenerationConfigError
-
-        user_errors = (GenerationConfigError, FileNotFoundError)
-        kind = type(e).__name__
-        print(f"llada-rt {args.command}: error: {e}" + ("" if isinstance(e, user_errors) else
-                                                        f" ({kind}; rerun with --debug for the traceback)"),
-              file=sys.stderr)
-        return EXIT_USAGE if isinstance(e, user_errors) else EXIT_ERROR
+        kind = _error_kind(e)
+        text = " ".join(str(e).split()) or type(e).__name__
+        suffix = f" ({type(e).__name__}; rerun with --debug for the traceback)" if kind == "internal" else ""
+        _say(f"llada-rt{command}: error: {text}{suffix}")
+        return EXIT_USAGE if kind == "usage" else EXIT_ERROR
 
 
 if __name__ == "__main__":

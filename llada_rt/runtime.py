@@ -8,9 +8,10 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .config import load_config, load_generation_config
+from .config import GENERATION_CONFIG_FILE, load_config, load_generation_config
 from .engine import Engine
-from .generation_config import GenerationConfig, GenerationConfigError, make_config
+from .generation_config import GenerationConfig, GenerationConfigError, check_defaults, make_config
+from .prompts import PromptError, check_messages, encode_prompts
 from .request import Request, StepEvent
 from .tokenizer import Tokenizer
 from .weights import load_weights
@@ -156,7 +157,8 @@ class Runtime:
         # (`llada-rt quantize`) loads as int8 without it
         self.weights = load_weights(self.path, self.config, self.device, dtype, quantize=quantize,
                                     check_finite=check_finite)
-        self.generation_defaults = load_generation_config(self.path, vocab_size=self.config.vocab_size)
+        self.generation_defaults = check_defaults(load_generation_config(self.path, vocab_size=self.config.vocab_size),
+                                                  str(self.path / GENERATION_CONFIG_FILE))
         self.engine = Engine(self.config, self.weights, self.device, stop_ids=self.tokenizer.stop_ids,
                              eot_id=self.tokenizer.eot_id, backend=backend, max_rows=max_rows)
 
@@ -167,46 +169,14 @@ class Runtime:
 
     # -- inputs --------------------------------------------------------------------------------------------------------
     def encode_prompts(self, prompt, chat: bool | None = None) -> list[list[int]]:
-        """A prompt, a list of prompts, token ids or a batch of token ids -> list of id lists."""
-        if chat is None:
-            chat = self.tokenizer.is_chat
-        if isinstance(prompt, torch.Tensor):
-            if prompt.dim() not in (1, 2) or prompt.dtype.is_floating_point:
-                raise ValueError(f"token ids must be an integer tensor of shape (P,) or (B, P), got {prompt.dtype} "
-                                 f"{tuple(prompt.shape)}")
-            prompt = prompt.tolist()
-        if isinstance(prompt, str):
-            batch = [prompt]
-        elif isinstance(prompt, Sequence) and len(prompt) > 0 and all(isinstance(t, int) for t in prompt):
-            batch = [list(prompt)]
-        elif isinstance(prompt, Sequence) and len(prompt) > 0:
-            batch = list(prompt)
-        else:
-            raise ValueError("prompt must be a string, a list of strings, a list of token ids or a list of such lists "
-                             f"(got {type(prompt).__name__}{' (empty)' if not prompt else ''})")
-        out = []
-        for p in batch:
-            if isinstance(p, str):
-                ids = self.tokenizer.encode_chat(p) if chat else self.tokenizer.encode(p)
-            elif isinstance(p, Sequence) and all(isinstance(t, int) for t in p):
-                ids = list(p)
-            else:
-                raise ValueError(f"each prompt must be a string or a list of token ids, got {type(p).__name__}")
-            if not ids:
-                raise ValueError("a prompt encodes to zero tokens; give a non-empty prompt")
-            vocab = self.config.embedding_size
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-            if self.config.mask_token_id in ids:
-                raise ValueError(f"the prompt contains the mask token (id {self.config.mask_token_id}); prompts must be "
-                                 "fully known text")
-            out.append(ids)
-        return out
+        """A prompt, a list of prompts, token ids or a batch of token ids -> list of id lists (prompts.encode_prompts:
+        PromptError for anything else)."""
+        return encode_prompts(prompt, self.tokenizer, vocab_size=self.config.embedding_size,
+                              mask_id=self.config.mask_token_id, chat=chat)
 
     def make_config(self, options: dict) -> GenerationConfig:
         """GenerationConfig of `options` over the checkpoint's generation_config.json defaults."""
-        return make_config(options, self.generation_defaults)
+        return make_config(options, self.generation_defaults, str(self.path / GENERATION_CONFIG_FILE))
 
     # -- the step API --------------------------------------------------------------------------------------------------
     def add(self, prompt_ids, config: GenerationConfig | None = None, events: bool = False, **options) -> Request:
@@ -214,10 +184,13 @@ class Runtime:
         to the engine; it joins at the next `step()`. Returns its handle (a Request: .done, .answer, .take_events())."""
         if config is not None and options:
             raise GenerationConfigError("give either config or options, not both")
+        if config is not None and not isinstance(config, GenerationConfig):
+            raise GenerationConfigError(f"config must be a GenerationConfig, got {type(config).__name__}; pass the "
+                                        "options as keywords instead")
         gc = config if config is not None else self.make_config(options)
         prompts = self.encode_prompts(prompt_ids)
         if len(prompts) != 1:
-            raise ValueError(f"add() takes one prompt, got a batch of {len(prompts)}; add them one by one")
+            raise PromptError(f"add() takes one prompt, got a batch of {len(prompts)}; add them one by one")
         self._validate(gc, len(prompts[0]))
         return self.engine.add(prompts[0], gc, events=events)
 
@@ -316,11 +289,9 @@ class Runtime:
         if not self.tokenizer.is_chat:
             raise GenerationConfigError(f"{self.path}: the checkpoint has no chat_template (a Base model); use "
                                         "generate() with plain text")
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
-        if messages[-1].get("role") != "user":
-            raise ValueError(f"the last message must be the user's, got role {messages[-1].get('role')!r}")
+        check_messages(messages)
         gc = self.make_config(options)
+        gc.validate(None, self.config.max_sequence_length, self.device.type)   # before gen_length is used below
         limit = self.config.max_sequence_length - gc.gen_length
         dropped = 0
         ids = self.tokenizer.encode_chat(messages)

@@ -48,6 +48,18 @@ def check_text(text: Any, what: str = "text") -> str:
     return text
 
 
+def check_conversation(messages: Any) -> None:
+    """A conversation to render: a non-empty list of dicts with a str 'role' and a str 'content' that is valid
+    Unicode (TokenizerError naming the message otherwise)."""
+    if not isinstance(messages, list) or not messages:
+        raise TokenizerError(f"messages must be a non-empty list of {{'role': str, 'content': str}}, got "
+                             f"{short_repr(messages)}")
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)):
+            raise TokenizerError(f"messages[{i}] must be a dict with a str 'role' and 'content', got {short_repr(m)}")
+        check_text(m.get("content"), f"messages[{i}]['content']")
+
+
 def _read_config(path: Path) -> dict:
     """tokenizer_config.json, with the entries llada_rt reads checked ({} when the file does not exist)."""
     if not path.exists():
@@ -209,14 +221,7 @@ class Tokenizer:
         """The checkpoint's chat_template rendered with jinja2 (as transformers does)."""
         if self._template is None:
             raise TokenizerError("this checkpoint has no chat_template (a Base model); pass chat=False")
-        if not isinstance(messages, list) or not messages:
-            raise TokenizerError(f"messages must be a non-empty list of {{'role': str, 'content': str}}, got "
-                                 f"{short_repr(messages)}")
-        for i, m in enumerate(messages):
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str)):
-                raise TokenizerError(f"messages[{i}] must be a dict with a str 'role' and 'content', got "
-                                     f"{short_repr(m)}")
-            check_text(m.get("content"), f"messages[{i}]['content']")
+        check_conversation(messages)
         special = {k: _token_text(self.config.get(k)) or "" for k in _TOKEN_KEYS}
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **special)

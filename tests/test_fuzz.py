@@ -1,8 +1,11 @@
-"""Property-based fuzzing of the readers of a checkpoint: the safetensors header, config.json, the sharded index,
-tokenizer_config.json, generation_config.json, and text to encode. Whatever they are given, they return a checked
-value or raise one of the documented errors (ConfigError, CheckpointError, TokenizerError: ValueError subclasses);
-any other exception fails. What they accept is checked against an independent oracle (the safetensors library for
-headers; the facts the rest of the runtime relies on for the others).
+"""Property-based fuzzing of the readers of a checkpoint (the safetensors header, config.json, the sharded index,
+tokenizer_config.json, generation_config.json, text to encode) and of what a caller passes (generation options through
+make_config and GenerationConfig.validate, prompts through encode_prompts). Whatever they are given, they return a
+checked value or raise one of the documented errors (ConfigError, CheckpointError, TokenizerError,
+GenerationConfigError, PromptError: ValueError subclasses); any other exception fails. What they accept is checked
+against an independent oracle (the safetensors library for headers, the values given for token ids, the tokenizer for
+text; the facts the rest of the runtime relies on for the others), and accepted generation options are run:
+generate() on a tiny checkpoint must finish.
 
 Bounded for the default run: a fixed number of examples, derandomized (the same examples on every run), no example
 database. LLADA_RT_FUZZ_EXAMPLES=N runs N random examples per test instead."""
@@ -13,6 +16,7 @@ import shutil
 import string
 import struct
 import tempfile
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,8 +24,12 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from llada_rt.config import ConfigError, LLaDAConfig, load_config, load_generation_config
-from llada_rt.testing import SMALL_VOCAB, special_tokens, tiny_config, tokenizer_config, tokenizer_json
-from llada_rt.tokenizer import Tokenizer, TokenizerError
+from llada_rt.generation_config import (FIELDS as OPTION_FIELDS, MAX_BLOCK_LENGTH, GenerationConfig,
+                                        GenerationConfigError, make_config)
+from llada_rt.prompts import PromptError, encode_prompts
+from llada_rt.testing import (SMALL_VOCAB, special_id, special_tokens, tiny_config, tokenizer_config, tokenizer_json,
+                              write_checkpoint)
+from llada_rt.tokenizer import MASK_TEXT, Tokenizer, TokenizerError
 from llada_rt.weights import INDEX_FILE, SINGLE_FILE, CheckpointError, checkpoint_files, read_header
 
 _N = os.environ.get("LLADA_RT_FUZZ_EXAMPLES")
@@ -348,3 +356,218 @@ def test_encode_random_text(tokenizer, text):
         assert all(isinstance(i, int) and 0 <= i < SMALL_VOCAB for i in ids)
         if encode is tokenizer.encode and set(text) <= set(string.printable):
             assert tokenizer.decode(ids) == text   # every printable character is one token of this tokenizer
+
+
+# ---- generation options and prompts ---------------------------------------------------------------------------------
+
+OPTION_STRINGS = ["false", "true", "True", "0", "1", "32", "0.5", "nan", "exact", "prefix", "dual", "turbo",
+                  "low_confidence", "random", "", " "]
+
+
+def _numpy_scalars():
+    import numpy as np
+
+    return st.one_of(st.integers(-2**63, 2**63 - 1).map(np.int64), st.integers(0, 2**16 - 1).map(np.uint16),
+                     st.floats(width=32).map(np.float32), st.booleans().map(np.bool_))
+
+
+option_values = st.one_of(st.none(), st.booleans(), ints, floats, st.sampled_from(OPTION_STRINGS), texts,
+                          _numpy_scalars(), st.lists(st.integers(0, 64), max_size=2), st.binary(max_size=3))
+NEAR_VALID = {   # values near the valid ones, for options that often pass
+    "gen_length": [1, 2, 3, 4, 6, 8, 12, 16, 0, -4, 16.0, "8", True],
+    "block_length": [1, 2, 3, 4, 8, 16, 0, 2048, 4.0, None],
+    "steps": [None, 1, 2, 4, 8, 16, 32, 0, 3.0],
+    "temperature": [0, 0.0, 0.5, 1, 2.5, 1e30, -1.0, math.inf, math.nan, "0.5"],
+    "cfg_scale": [0, 0.0, 0.5, 2.0, 100.0, 101.0, math.nan],
+    "remasking": ["low_confidence", "random", "lowest", None],
+    "logits_eos_inf": [False, True, "false", 0],
+    "confidence_eos_eot_inf": [False, True, None],
+    "seed": [0, 1, 12345, 2**63 - 1, 2**63, -1, 1.0, "7"],
+    "mode": ["exact", "prefix", "dual", "fast", 0],
+    "threshold": [None, 1e-9, 0.3, 0.9, 1.0, 1, 0.0, 1.5, math.nan],
+    "factor": [None, 1e-9, 0.5, 1.0, 1e300, 0.0, math.inf],
+    "early_stop": [False, True, "true"],
+    "cuda_graph": [False, True],
+}
+small_options = st.fixed_dictionaries({}, optional={k: st.sampled_from(v) for k, v in NEAR_VALID.items()})
+
+
+@st.composite
+def runnable_options(draw):
+    """A setting generate() should run (every mode, rule, sampling and EOS option, small sizes), then, one time in
+    four, one option replaced by a value near the valid ones (which may or may not pass)."""
+    G = draw(st.sampled_from([1, 2, 4, 6, 8, 12]))
+    N = draw(st.sampled_from([d for d in range(1, G + 1) if G % d == 0]))
+    opts = dict(gen_length=G, block_length=N, mode=draw(st.sampled_from(["exact", "prefix", "dual"])),
+                seed=draw(st.integers(0, 2**63 - 1)), temperature=draw(st.sampled_from([0.0, 0.7, 3.0])),
+                early_stop=draw(st.booleans()), logits_eos_inf=draw(st.booleans()),
+                confidence_eos_eot_inf=draw(st.booleans()))
+    steps = draw(st.sampled_from([None] + [G // N * k for k in range(1, N + 1)]))
+    if steps is not None:
+        opts["steps"] = steps
+    rule = draw(st.sampled_from(["topk", "threshold", "factor"]))
+    if rule == "threshold":
+        opts["threshold"] = draw(st.floats(1e-6, 1.0))
+    elif rule == "factor":
+        opts["factor"] = draw(st.floats(1e-6, 10.0))
+    else:
+        opts["remasking"] = draw(st.sampled_from(["low_confidence", "random"]))
+    if opts["mode"] == "exact" and draw(st.booleans()):
+        opts["cfg_scale"] = draw(st.sampled_from([0.5, 2.0]))
+    if draw(st.integers(0, 3)) == 0:
+        key = draw(st.sampled_from(sorted(NEAR_VALID)))
+        opts[key] = draw(st.sampled_from(NEAR_VALID[key]))
+    return opts
+
+
+def _check_accepted(gc: GenerationConfig) -> None:
+    """What the engine relies on in a config that passed validation: plain Python values in range."""
+    for name in ("gen_length", "block_length", "seed"):
+        assert type(getattr(gc, name)) is int, name
+    assert 1 <= gc.block_length <= MAX_BLOCK_LENGTH and gc.gen_length % gc.block_length == 0
+    assert gc.steps is None or type(gc.steps) is int
+    assert 1 <= gc.total_steps <= gc.gen_length and gc.total_steps % gc.num_blocks == 0
+    assert 0 <= gc.seed < 2**63
+    for name in ("temperature", "cfg_scale"):
+        v = getattr(gc, name)
+        assert type(v) is float and math.isfinite(v) and v >= 0, name
+    assert gc.threshold is None or type(gc.threshold) is float and 0 < gc.threshold <= 1
+    assert gc.factor is None or type(gc.factor) is float and math.isfinite(gc.factor) and gc.factor > 0
+    assert gc.mode in ("exact", "prefix", "dual") and gc.remasking in ("low_confidence", "random")
+    for name in ("logits_eos_inf", "confidence_eos_eot_inf", "early_stop", "cuda_graph"):
+        assert type(getattr(gc, name)) is bool, name
+
+
+@BOUNDED
+@given(options=st.one_of(st.dictionaries(st.sampled_from(OPTION_FIELDS + ("block_len", "")), option_values,
+                                         max_size=6), small_options, json_values),
+       defaults=st.one_of(st.none(), st.dictionaries(st.sampled_from(OPTION_FIELDS + ("eos_token_id",)),
+                                                     json_values, max_size=3)))
+def test_make_config_random_options(options, defaults):
+    """make_config over random options and defaults, then validate(): a checked config or GenerationConfigError (an
+    option, or a default, that cannot run); nothing else."""
+    gc = attempt(lambda: make_config(options, defaults, "fuzz/generation_config.json"), GenerationConfigError)
+    if gc is None or attempt(lambda: gc.validate() or gc, GenerationConfigError) is None:
+        return
+    _check_accepted(gc)
+    if not (isinstance(options, dict) and options.get("gen_length") is not None):
+        return
+    assert gc.gen_length == options["gen_length"]   # the caller's value wins over the file's
+
+
+@BOUNDED
+@given(fields=st.dictionaries(st.sampled_from(OPTION_FIELDS), option_values, max_size=5),
+       prompt_len=st.one_of(st.none(), st.integers(0, 600)), device=st.sampled_from([None, "cpu", "cuda"]))
+def test_generation_config_validate_random(fields, prompt_len, device):
+    """GenerationConfig built directly (as the step API's add(config=...) takes it), then validated."""
+    gc = GenerationConfig(**fields)
+    if attempt(lambda: gc.validate(prompt_len, 512, device) or gc, GenerationConfigError) is None:
+        return
+    _check_accepted(gc)
+    if prompt_len is not None:
+        assert prompt_len + gc.gen_length <= 512
+
+
+@pytest.fixture(scope="module")
+def fuzz_runtime(work):
+    from llada_rt import Runtime
+
+    ckpt = write_checkpoint(work / "gen_ckpt", vocab=SMALL_VOCAB, eos_scale=0.3, max_sequence_length=64)
+    return Runtime(ckpt, device="cpu")
+
+
+@settings(BOUNDED, max_examples=int(_N) if _N else 25)
+@given(options=runnable_options(), prompt=st.lists(st.integers(0, 100), min_size=1, max_size=12))
+def test_accepted_configs_run(fuzz_runtime, options, prompt):
+    """Whatever generate() accepts runs to the end: at most gen_length forwards (one per step of the fixed schedule,
+    at most block_length per block for threshold/factor), an answer of gen_length ids, and a free engine after."""
+    rt = fuzz_runtime
+    try:
+        res = rt.generate(prompt, **options)
+    except GenerationConfigError as e:
+        print("GenerationConfigError:", e)
+        event("rejected")
+        return
+    event("accepted")
+    gc = res.config
+    print(options, "-> nfe", res.nfe, repr(res.text))
+    _check_accepted(gc)
+    assert 1 <= res.nfe <= gc.gen_length
+    if not gc.parallel and not gc.early_stop:
+        assert res.nfe == gc.total_steps
+    assert res.canvas.shape == (1, len(prompt) + gc.gen_length)
+    assert res.masked_left[0] <= len(res.token_ids[0])
+    assert not rt.engine.active
+
+
+def _tensors():
+    """Tensors of every dtype torch can fill (ids, bools, floats, complex, float8...), 0-D to 3-D."""
+    import torch
+
+    def make(dtype, shape, seed):
+        g = torch.Generator().manual_seed(seed)
+        base = torch.randint(-3, 300, shape, generator=g)
+        try:
+            with warnings.catch_warnings():   # complex32 is "experimental"
+                warnings.simplefilter("ignore", UserWarning)
+                return base.to(dtype)
+        except (RuntimeError, TypeError):   # a dtype with no conversion from int64 (quantized, sub-byte)
+            return None
+
+    dtypes = [d for d in vars(torch).values() if isinstance(d, torch.dtype)]
+    return st.builds(make, st.sampled_from(sorted(set(dtypes), key=str)),
+                     st.lists(st.integers(0, 3), max_size=3).map(tuple), st.integers(0, 100)).filter(
+        lambda t: t is not None)
+
+
+def _arrays():
+    import numpy as np
+    from hypothesis.extra import numpy as hnp
+
+    dtypes = st.one_of(hnp.integer_dtypes(), hnp.unsigned_integer_dtypes(), hnp.floating_dtypes(),
+                       hnp.complex_number_dtypes(), hnp.boolean_dtypes(), hnp.unicode_string_dtypes(max_len=3),
+                       hnp.byte_string_dtypes(max_len=3), st.just(np.dtype(object)))
+    return hnp.arrays(dtypes, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=3))
+
+
+prompt_leaves = st.one_of(texts, st.text(string.printable, max_size=8), ints, st.booleans(), floats, st.none(),
+                          st.binary(max_size=4), st.integers(0, 255), st.sampled_from([MASK_TEXT, " ", ""]))
+prompt_values = st.one_of(
+    prompt_leaves, _tensors(), _arrays(),
+    st.recursive(prompt_leaves, lambda kids: st.one_of(st.lists(kids, max_size=4), st.tuples(kids, kids)),
+                 max_leaves=10),
+    st.lists(st.lists(st.integers(-2, 300), max_size=4), max_size=3),
+    st.lists(st.integers(0, 255), min_size=1, max_size=6),
+    st.lists(st.one_of(_tensors(), _arrays()), max_size=2))
+
+
+def _flat_ints(v):
+    """v's leaves if it is an integer array/tensor or (nested) sequence of integers, else None (the oracle of what
+    encode_prompts returns for ids: the values themselves)."""
+    if hasattr(v, "tolist") and hasattr(v, "dtype"):
+        v = v.tolist()
+    if isinstance(v, (list, tuple)):
+        return [_flat_ints(x) for x in v]
+    return v
+
+
+@BOUNDED
+@given(value=prompt_values, chat=st.sampled_from([None, True, False]))
+def test_encode_prompts_random_values(tokenizer, value, chat):
+    """Prompt encoding over random Python values, arrays and tensors: lists of checked ids, or PromptError."""
+    mask_id = special_id(SMALL_VOCAB, MASK_TEXT)
+    got = attempt(lambda: encode_prompts(value, tokenizer, vocab_size=SMALL_VOCAB, mask_id=mask_id, chat=chat),
+                  PromptError)
+    if got is None:
+        return
+    assert isinstance(got, list) and got
+    for ids in got:
+        assert ids and all(type(t) is int and 0 <= t < SMALL_VOCAB and t != mask_id for t in ids)
+    if isinstance(value, str):
+        want = tokenizer.encode_chat(value) if chat in (None, True) else tokenizer.encode(value)
+        assert got == [want] and value.strip()
+    elif isinstance(value, (list, tuple)) and all(isinstance(s, str) for s in value):
+        assert len(got) == len(value) and all(s.strip() for s in value)
+    else:   # ids: exactly the values given, as one prompt or a batch
+        flat = _flat_ints(value)
+        assert got == ([flat] if flat and not isinstance(flat[0], list) else flat)
