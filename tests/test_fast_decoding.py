@@ -211,7 +211,7 @@ def test_parallel_decoding_commits_at_least_one_and_threshold_one_is_greedy(rt):
 @pytest.mark.parametrize("opts,match", [
     ({"threshold": 1.5}, "threshold must be in"),
     ({"threshold": 0.9, "factor": 1.0}, "not both"),
-    ({"factor": 0.0}, "factor must be a finite number > 0"),
+    ({"factor": 0.0}, r"factor must be > 0 \(a finite number\)"),
     ({"mode": "dual", "cfg_scale": 1.0}, "cfg_scale > 0 runs only in mode='exact'"),
     ({"threshold": 0.9, "remasking": "random"}, "remasking='low_confidence'"),
     ({"cuda_graph": True}, "cuda_graph=True needs a CUDA device"),
