@@ -199,6 +199,37 @@ def run_arrivals(rt, prompts, options: dict, rate: float, seed: int = 0, log=pri
             "speedup": engine["requests_per_s"] / sequential["requests_per_s"]}
 
 
+def run_scaling(rt, prompts, options: dict, batches: list[int], repeat: int = 3, log=print) -> dict:
+    """Milliseconds per step of one generate() call over the first B prompts, for each B of `batches`, repeats
+    interleaved across the batch sizes (median): how the cost of a step grows with the rows in it. B * ms(1) / ms(B)
+    is the most that serving B requests together can gain over serving them one after another."""
+    import time as _time
+
+    ids = [rt.encode_prompts(p)[0] for p in prompts]
+    if max(batches) > len(ids):
+        raise ValueError(f"--scaling up to {max(batches)} rows needs as many prompts (--num-prompts), got {len(ids)}")
+    for b in batches:   # warm-up: workspace and cache sizes of every batch
+        rt.generate(ids[:b], **options)
+    per = {b: [] for b in batches}
+    nfe = {}
+    for _ in range(repeat):
+        for b in batches:
+            t0 = _time.perf_counter()
+            res = rt.generate(ids[:b], **options)
+            per[b].append((_time.perf_counter() - t0) / res.nfe)
+            nfe[b] = res.nfe
+    ms1 = 1e3 * statistics.median(per[batches[0]]) / batches[0]
+    rows = []
+    log(f"# ms per step by rows in the step, options {options}, median of {repeat}")
+    log(f"{'rows':>5}{'NFE':>6}{'ms/step':>10}{'ms/step/row':>13}{'gain bound':>12}")
+    for b in batches:
+        ms = 1e3 * statistics.median(per[b])
+        row = dict(rows=b, nfe=nfe[b], ms_per_step=ms, ms_per_row_step=ms / b, gain_bound=b * ms1 / ms)
+        rows.append(row)
+        log(f"{b:>5}{nfe[b]:>6}{ms:>10.2f}{ms / b:>13.2f}{row['gain_bound']:>11.2f}x")
+    return {"options": options, "scaling": rows}
+
+
 def header(env: dict) -> str:
     lines = ["# " + "  ".join(f"{k}={v}" for k, v in env.items())]
     lines.append(f"{'mode':<18}{'tok/s':>9}{'NFE':>7}{'tok/fwd':>9}{'ms/step':>9}{'refresh ms':>12}{'step ms':>9}"
@@ -274,12 +305,23 @@ def main(argv=None, default_prompts=None, prog=None) -> int:
     ap.add_argument("--arrivals", type=int, default=None, metavar="N",
                     help="serve N requests arriving over time (Poisson) with the engine vs one after another")
     ap.add_argument("--rate", type=float, default=50.0, help="arrival rate per second with --arrivals")
-    ap.add_argument("--mode", default="exact", help=f"with --arrivals: the mode ({', '.join(MODE_OPTIONS)})")
+    ap.add_argument("--mode", default="exact", help=f"with --arrivals or --scaling: the mode ({', '.join(MODE_OPTIONS)})")
     ap.add_argument("--seed", type=int, default=0, help="arrival schedule seed with --arrivals")
+    ap.add_argument("--scaling", default=None, metavar="B,B,...",
+                    help="ms per step of one generate() call over 1..B prompts in --mode (e.g. 1,2,4,8)")
     ap.add_argument("--json", default="bench_generate.json", help="where to write the JSON (default: %(default)s)")
     args = ap.parse_args(argv)
     if args.arrivals is not None:
         args.num_prompts = args.arrivals
+    batches = None
+    if args.scaling is not None:
+        try:
+            batches = sorted({int(b) for b in args.scaling.split(",") if b.strip()})
+        except ValueError:
+            ap.error(f"--scaling takes a comma list of batch sizes, got {args.scaling!r}")
+        if not batches or batches[0] < 1:
+            ap.error(f"--scaling batch sizes must be >= 1, got {args.scaling!r}")
+        args.num_prompts = max(args.num_prompts, batches[-1])
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODE_OPTIONS]
     if bad:
@@ -300,11 +342,15 @@ def main(argv=None, default_prompts=None, prog=None) -> int:
             prompts = (default_prompts or example_prompts)(args.num_prompts)
         gen = dict(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
                    early_stop=args.early_stop)
-        if args.arrivals is not None:
+        if args.arrivals is not None or batches is not None:
             if args.mode not in MODE_OPTIONS:
                 ap.error(f"unknown --mode {args.mode!r}; choose from {', '.join(MODE_OPTIONS)}")
             opts = {k: (args.threshold if v is True else v) for k, v in MODE_OPTIONS[args.mode].items()}
             opts.update({k: v for k, v in gen.items() if v is not None})
+        if batches is not None:
+            out = run_scaling(rt, prompts, opts, batches, repeat=args.repeat)
+            out["env"] = environment(rt, dict(scaling=batches, mode=args.mode))
+        elif args.arrivals is not None:
             out = run_arrivals(rt, [prompts[i % len(prompts)] for i in range(args.arrivals)], opts, args.rate,
                                args.seed)
             out["env"] = environment(rt, dict(arrivals=args.arrivals, rate=args.rate, mode=args.mode))
