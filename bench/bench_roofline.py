@@ -7,7 +7,7 @@ achieved GB/s of weights and GFLOP/s against it, for fp32, bf16 and int8 weights
 
 Sections: `stream` (read-only sum and copy of a 1 GiB buffer with torch, best of 5: what the cores can pull from
 memory); `linear` (each linear of the random checkpoint of bench/RESULTS.md and of LLaDA-8B at 1..64 rows, every path
-this CPU runs, the one choose_path picks marked '*'); `step` (model.forward at the dual-mode step shape: 32 query rows
+this CPU runs, the one choose_path picks marked '*'); `step` (model.forward_batch at the dual-mode step shape: 32 query rows
 against a cached 171-position canvas, logits for the 32 block rows, on the random checkpoint: d_model 512, 4 layers,
 vocab 126464); `step8b` (the same step at LLaDA-8B's shapes with --layers random layers made in memory; the per-layer
 time, (step - head) / layers, is extrapolated to 32 layers and labelled so). GB/s counts the weight bytes the step or
@@ -35,7 +35,7 @@ from llada_rt import ops  # noqa: E402
 from llada_rt.cache import KVCache  # noqa: E402
 from llada_rt.config import LLaDAConfig  # noqa: E402
 from llada_rt.linear import CPU_CANDIDATES, Linear, choose_path, cpu_name  # noqa: E402
-from llada_rt.model import forward, rms_norm  # noqa: E402
+from llada_rt.model import ForwardBatch, RopeTable, forward_batch  # noqa: E402
 from llada_rt.weights import LayerWeights, ModelWeights  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": "int8"}
@@ -159,16 +159,24 @@ def step_row(model: str, layers: int, dname: str, iters: int, bw_gbps: float, lo
     tokens = torch.randint(0, 1000, (1, T), generator=g)
     positions = torch.arange(T)[None]
     cache = KVCache(cfg, 1, T, w.dtype, w.device)
+    rope = RopeTable.build(cfg, T, w.device)
+    blk = slice(PROMPT, PROMPT + BLOCK)
+    i32 = torch.int32
+    # the refresh writes every column's K/V; the step writes the block's and attends over the cached canvas
+    refresh = ForwardBatch(tokens, positions, key_end=torch.tensor([T], dtype=i32), logit_rows=torch.arange(PROMPT, T),
+                           write_index=torch.arange(T))
+    step_fb = ForwardBatch(tokens[:, blk], positions[:, blk], key_end=torch.tensor([T], dtype=i32),
+                           logit_rows=torch.arange(BLOCK), write_index=torch.arange(PROMPT, PROMPT + BLOCK),
+                           kv_rows=torch.zeros(1, dtype=i32), cache_read=True)
     with torch.inference_mode():
-        forward(cfg, w, tokens, positions, cache=cache.at(0), rows=slice(PROMPT, PROMPT + BLOCK))   # the refresh
-        blk = slice(PROMPT, PROMPT + BLOCK)
+        forward_batch(cfg, w, refresh, cache=cache, rope=rope)
         x = torch.randn(BLOCK, d, generator=g).to(w.dtype)
 
         def step():
-            forward(cfg, w, tokens[:, blk], positions[:, blk], cache=cache.at(PROMPT), rows=slice(0, BLOCK))
+            forward_batch(cfg, w, step_fb, cache=cache, rope=rope)
 
         def head():
-            ops.linear(rms_norm(x, w.ln_f, cfg.rms_norm_eps), w.lm_head)
+            ops.linear(ops.rms_norm(x, w.ln_f, cfg.rms_norm_eps), w.lm_head)
 
         step_s, head_s = timed([step, head], iters)
     weight_bytes = sum(l.nbytes for l in w.linears().values())
