@@ -54,23 +54,8 @@ __global__ void __launch_bounds__(kAdvanceThreads) advance_kernel(const AdvanceP
   }
   __syncthreads();
   if (t == 0) {
-    const int64_t step = p.step_ptr[s] + 1, spb = p.spb_ptr[s];
-    p.nsteps_ptr[s] += 1;
-    // the fixed schedule ends a block after spb steps; the dynamic rules when it has no mask left, and never run
-    // more than N steps on one block (every step commits at least one position, unless the model predicts the
-    // mask id itself: the cap keeps that from looping forever)
-    const bool block_done = p.rule_ptr[s] == kRuleTopK ? step >= spb : (s_masked == 0 || step >= p.N);
-    bool done = early;
-    int64_t next_step = step;
-    if (block_done) {
-      p.block_start_ptr[s] = bs + p.N;
-      next_step = 0;
-      done = done || bs + p.N >= L;
-    }
-    p.step_ptr[s] = next_step;
-    if (spb > 0) p.k_ptr[s] = p.N / spb + (next_step < p.N % spb ? 1 : 0);
     if (early) p.filled_ptr[s] = s_filled;
-    p.status_ptr[s] = (done ? kAdvanceDone : 0) | (block_done ? kAdvanceBlockDone : 0) | (early ? kAdvanceEarly : 0);
+    advance_schedule(p, s, bs, L, s_masked, early);
   }
 }
 

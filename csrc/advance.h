@@ -32,6 +32,27 @@ struct AdvanceParams {
   int64_t skip_slot;            // a slot left alone (the engine's scratch row), or -1
 };
 
+// The counters of slot s after its step, on the CPU and in the kernel: bs the block's first column, L the row's
+// length, masked the block's positions still masked after the step, early whether early stop ended the row. The
+// fixed schedule ends a block after spb steps; the dynamic rules when it has no mask left, and never run more than
+// N steps on one block (every step commits at least one position unless the model predicts the mask id itself: the
+// cap keeps that from looping forever).
+LLADA_HD void advance_schedule(const AdvanceParams& p, int64_t s, int64_t bs, int64_t L, int64_t masked, bool early) {
+  const int64_t step = p.step_ptr[s] + 1, spb = p.spb_ptr[s];
+  p.nsteps_ptr[s] += 1;
+  const bool block_done = p.rule_ptr[s] == kRuleTopK ? step >= spb : (masked == 0 || step >= p.N);
+  bool done = early;
+  int64_t next_step = step;
+  if (block_done) {
+    p.block_start_ptr[s] = bs + p.N;
+    next_step = 0;
+    done = done || bs + p.N >= L;
+  }
+  p.step_ptr[s] = next_step;
+  if (spb > 0) p.k_ptr[s] = p.N / spb + (next_step < p.N % spb ? 1 : 0);
+  p.status_ptr[s] = (done ? kAdvanceDone : 0) | (block_done ? kAdvanceBlockDone : 0) | (early ? kAdvanceEarly : 0);
+}
+
 void advance_cpu(const AdvanceParams& p);
 #if defined(LLADA_WITH_CUDA)
 void run_advance(const AdvanceParams& p, void* stream);

@@ -33,20 +33,7 @@ void advance_cpu(const AdvanceParams& p) {
         p.filled_ptr[s] = filled;
       }
     }
-    const int64_t step = p.step_ptr[s] + 1, spb = p.spb_ptr[s];
-    p.nsteps_ptr[s] += 1;
-    // see advance.cuh: the dynamic rules never run more than N steps on one block
-    const bool block_done = p.rule_ptr[s] == kRuleTopK ? step >= spb : (masked == 0 || step >= p.N);
-    bool done = early;
-    int64_t next_step = step;
-    if (block_done) {
-      p.block_start_ptr[s] = bs + p.N;
-      next_step = 0;
-      done = done || bs + p.N >= L;
-    }
-    p.step_ptr[s] = next_step;
-    if (spb > 0) p.k_ptr[s] = p.N / spb + (next_step < p.N % spb ? 1 : 0);
-    p.status_ptr[s] = (done ? kAdvanceDone : 0) | (block_done ? kAdvanceBlockDone : 0) | (early ? kAdvanceEarly : 0);
+    advance_schedule(p, s, bs, L, masked, early);
   }
 }
 
