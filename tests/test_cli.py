@@ -122,6 +122,24 @@ def test_bench_runs(tmp_path):
     assert (tmp_path / "b.json").is_file()
 
 
+def test_bench_arrivals_and_scaling(tmp_path):
+    """The engine benchmarks through the command: staggered requests give the same answers served together as one
+    after another; the scaling rows cover every batch size asked for."""
+    r = cli("bench", "--device", "cpu", "--arrivals", "3", "--mode", "dual", "--gen-length", "16", "--block-length",
+            "8", "--rate", "200", "--json", str(tmp_path / "a.json"))
+    print(r.stdout[-600:], r.stderr[-600:])
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "a.json").read_text())
+    assert out["identical"] is True and out["engine"]["requests"] == out["sequential"]["requests"] == 3
+    r = cli("bench", "--device", "cpu", "--scaling", "1,3", "--mode", "exact", "--gen-length", "8", "--block-length",
+            "8", "--repeat", "1", "--json", str(tmp_path / "s.json"))
+    print(r.stdout[-600:], r.stderr[-600:])
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "s.json").read_text())["scaling"]
+    assert [row["rows"] for row in rows] == [1, 3] and all(row["nfe"] == 8 for row in rows)
+    assert_clean_error(cli("bench", "--scaling", "1,x"), 2, "--scaling")
+
+
 def test_bad_model_path():
     r = cli("generate", "--model", "/nonexistent/ckpt", "hi")
     assert_clean_error(r, 2, "/nonexistent/ckpt")
