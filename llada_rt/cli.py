@@ -427,6 +427,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# the commands that run inside a torchrun world: every rank makes the same calls from its arguments alone
+_TP_COMMANDS = ("generate", "info")
+
+
+def _tensor_parallel_rank(args) -> int | None:
+    """This process's rank when torchrun started it in a world of several (None otherwise); ranks other than 0 run
+    silently (stdout and stderr to /dev/null) with the same exit code as rank 0."""
+    from .parallel import world_from_env
+
+    world = world_from_env()
+    if world is None:
+        return None
+    if args.command not in _TP_COMMANDS:
+        raise UsageError(f"`{args.command}` does not run under torchrun (tensor parallelism runs "
+                         f"{' and '.join(_TP_COMMANDS)}); start it as a single process")
+    if args.command == "generate" and args.file in (None, "-") and args.prompt in (None, "-"):
+        raise UsageError("under torchrun every rank needs the prompt: pass it as an argument or with --file PATH, "
+                         "not on stdin")
+    if world[0] != 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+    return world[0]
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -437,6 +460,7 @@ def main(argv=None) -> int:
         setattr(args, passed_on, extra + list(getattr(args, passed_on)))
     debug = args.debug or os.environ.get("LLADA_RT_DEBUG") == "1"
     try:
+        _tensor_parallel_rank(args)
         return args.func(args)
     except UsageError as e:
         print(f"llada-rt {args.command}: error: {e}", file=sys.stderr)

@@ -8,6 +8,7 @@ which the confidence op reduces to a small per-row state that is all-gathered in
 """
 from __future__ import annotations
 
+import atexit
 import math
 import os
 
@@ -50,10 +51,12 @@ def check_divisible(cfg: LLaDAConfig, size: int) -> None:
     bad = [f"{name}={n}" for name, n in sizes.items() if n % size]
     if bad:
         g = math.gcd(*sizes.values())
-        ok = [k for k in range(1, g + 1) if g % k == 0]
+        ok = [k for k in range(2, g + 1) if g % k == 0]
+        fix = (f"this checkpoint splits over {', '.join(map(str, ok))} ranks; launch torchrun with --nproc-per-node "
+               "one of those" if ok else "this checkpoint does not split at all; run it in one process")
+        every = ", ".join(f"{k}={v}" for k, v in sizes.items())
         raise TPError(f"tensor parallelism over {size} ranks needs every split dimension divisible by {size}, but "
-                      f"{', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not (this checkpoint splits over "
-                      f"{', '.join(map(str, ok))} ranks); launch torchrun with --nproc-per-node one of those")
+                      f"{', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not ({every}); {fix}")
 
 
 class TPGroup:
@@ -119,6 +122,7 @@ def init_tensor_parallel(device: torch.device) -> TPGroup | None:
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, **({"device_id": torch.device("cuda", local)}
                                                     if device.type == "cuda" else {}))
+        atexit.register(dist.destroy_process_group)   # NCCL warns about (and may hang on) a group left at exit
     elif dist.get_world_size() != size or dist.get_rank() != rank:
         raise TPError(f"torch.distributed is initialized as rank {dist.get_rank()} of {dist.get_world_size()}, but "
                       f"the torchrun environment says rank {rank} of {size}")
@@ -163,3 +167,17 @@ def confidence(impl, tp: TPGroup, logits: torch.Tensor, masked: torch.Tensor, *,
     out[0].copy_(token)
     out[1].copy_(prob)
     return out
+
+
+def log_softmax_at(tp: TPGroup, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log_softmax(full logits)[targets] (M,) fp32 from this rank's shard logits (M, V / size) fp32 and global target
+    ids (M,): a distributed logsumexp (max, then sum of exponentials) and the target logit from the rank holding it,
+    three all-reduces of (M,) each."""
+    Vr = logits.shape[1]
+    m = tp.all_reduce_(logits.amax(-1), op="max")                                 # (M,)
+    total = tp.all_reduce_(torch.exp(logits - m[:, None]).sum(-1))                # (M,)
+    local = targets - tp.rank * Vr
+    here = (local >= 0) & (local < Vr)
+    at = logits.gather(1, local.clamp(0, Vr - 1)[:, None])[:, 0]
+    at = tp.all_reduce_(torch.where(here, at, torch.zeros_like(at)))               # (M,) the target's logit
+    return at - m - total.log()

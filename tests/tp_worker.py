@@ -29,6 +29,8 @@ def main(spec_path: str, out_path: str) -> None:
             r["tokens"][name] = res.token_ids[0]
             r.setdefault("collective_bytes", {})[name] = (rt.tp.bytes_reduced - before[0],
                                                           rt.tp.bytes_gathered - before[1], res.nfe)
+        if "likelihood" in job:
+            r["likelihood"] = rt.log_likelihood(**job["likelihood"]).estimates
         results[job["name"]] = r
     results["maxrss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     torch.save(results, out_path)
