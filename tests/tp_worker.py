@@ -32,7 +32,7 @@ def main(spec_path: str, out_path: str) -> None:
         if "likelihood" in job:
             r["likelihood"] = rt.log_likelihood(**job["likelihood"]).estimates
         results[job["name"]] = r
-    results["maxrss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    results["maxrss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # torch itself included
     torch.save(results, out_path)
 
 
