@@ -20,8 +20,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 # LLaDA-8B (LLADA.md 1): the numbers the derived table uses
 LLADA_8B = dict(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=32, mlp_hidden_size=12288, vocab=126464)
@@ -74,7 +72,7 @@ def run_config(ranks: int, threads: int, ckpt: Path, tmp: Path, args) -> list[di
                    "--block-length", str(args.block_length), "--prompt-len", str(args.prompt_len)]
     launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
                                       "--master-port", str(_port())]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     subprocess.run([sys.executable, *launcher, *worker_args], check=True, env=env)
     return [json.loads(Path(str(out).format(rank=r)).read_text()) for r in range(ranks)]
 

@@ -16,11 +16,11 @@ from llada_rt import Runtime, ops
 from llada_rt.config import load_config
 from llada_rt.model import forward
 from llada_rt.parallel import TPError, check_divisible
+from llada_rt.runtime import SHIPPED_MODEL
 from llada_rt.testing import SMALL_VOCAB, tiny_config, write_checkpoint
 from llada_rt.weights import quantize_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ROOT / "llada_rt" / "models" / "small"
+SHIPPED = SHIPPED_MODEL
 WORKER = Path(__file__).resolve().parent / "tp_worker.py"
 RANKS = 2
 GEN = dict(gen_length=32, block_length=8, steps=16)
@@ -44,16 +44,17 @@ def world_env(rank: int, size: int, port: int) -> dict:
     """What torchrun sets for rank `rank` of a one-node world (the threads: one per rank on shared cores)."""
     return {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(size),
             "LOCAL_WORLD_SIZE": str(size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+            "OMP_NUM_THREADS": "1"}
 
 
 def run_world(spec: dict, tmp: Path, size: int = RANKS, timeout: int = 300) -> list[dict]:
     """Runs tp_worker.py on `spec` in a world of `size` processes; each rank's saved results."""
     (tmp / "spec.json").write_text(json.dumps(spec))
     port = _free_port()
+    # the llada_rt this test imports (the installed package, or PYTHONPATH's), not the checkout's by its location
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp / "spec.json"), str(tmp / f"rank{r}.pt")],
                               env=world_env(r, size, port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for r in range(size)]
+                              text=True, cwd=tempfile.gettempdir()) for r in range(size)]
     outs = []
     try:
         for p in procs:
@@ -247,8 +248,7 @@ def _cli(args: list[str], launcher: list[str], env: dict) -> subprocess.Complete
 def test_cli_through_torchrun(tmp_path):
     """`torchrun --nproc-per-node 2 -m llada_rt.cli generate ...`: rank 0 alone prints, the text equal to one
     process's; sizes that do not divide end every rank with the clear error (printed once)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["generate", "--device", "cpu", "--gen-length", "16", "--block-length", "8", "--steps", "8",
             "--mode", "dual", PROMPT]
     launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(RANKS), "--master-port", str(_free_port())]
