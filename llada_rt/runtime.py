@@ -238,6 +238,9 @@ class Runtime:
 
     def _validate(self, gc: GenerationConfig, prompt_len: int) -> None:
         gc.validate(prompt_len, self.config.max_sequence_length, self.device.type)
+        if gc.cuda_graph and self.tp is not None:
+            raise GenerationConfigError("cuda_graph=True is not supported under tensor parallelism (capturing the "
+                                        "NCCL collectives of a step is unverified); drop cuda_graph")
         if gc.cuda_graph and self.engine.backend != "ops":
             raise GenerationConfigError("cuda_graph=True needs backend='ops' (reference.py ops read values back to the "
                                         "host and cannot be captured)")

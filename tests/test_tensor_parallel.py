@@ -30,7 +30,9 @@ RUNS = {"exact": dict(GEN, mode="exact"), "prefix": dict(GEN, mode="prefix"), "d
         "exact_temperature": dict(GEN, mode="exact", temperature=0.7, seed=3),
         "prefix_temperature": dict(GEN, mode="prefix", temperature=0.7, seed=4),
         "dual_temperature": dict(GEN, mode="dual", temperature=0.7, seed=5),
-        "dual_threshold": dict(GEN, mode="dual", threshold=0.5)}
+        "dual_threshold": dict(GEN, mode="dual", threshold=0.5),
+        # a batch of prompts of different lengths (left padding, per-row positions) in one sharded forward
+        "prefix_batch": dict(GEN, mode="prefix", temperature=0.7, seed=6, prompt=["reverse: abc", "sort: cab ba"])}
 LOGIT_TOL = 1e-5    # of max |logit|: fp32 with the sums of the row-parallel projections in another order
 
 
@@ -92,11 +94,13 @@ class TieRecorder:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """A random GQA checkpoint with LLaDA's vocabulary (3 shards), its int8 copy, and the shipped model."""
+    """A random GQA checkpoint with LLaDA's vocabulary (3 shards), its int8 copy, a tied one (the LM head is the
+    embedding shard), and the shipped model."""
     base = tmp_path_factory.mktemp("tp")
     rand = write_checkpoint(base / "random", seed=5, shards=3, n_kv_heads=2)
     quantize_checkpoint(rand, base / "int8")
-    return {"random": rand, "int8": base / "int8", "small": SHIPPED}
+    tied = write_checkpoint(base / "tied", seed=6, vocab=SMALL_VOCAB, weight_tying=True)
+    return {"random": rand, "int8": base / "int8", "tied": tied, "small": SHIPPED}
 
 
 def _ids(ckpt: Path) -> list[list[int]]:
@@ -118,6 +122,9 @@ def world(checkpoints, tmp_path_factory):
         {"name": "random", "ckpt": str(checkpoints["random"]), "ids": _ids(checkpoints["random"]), "prompt": PROMPT,
          "generate": RUNS},
         {"name": "int8", "ckpt": str(checkpoints["int8"]), "ids": _ids(checkpoints["int8"])},
+        {"name": "tied", "ckpt": str(checkpoints["tied"]), "ids": _ids(checkpoints["tied"])},
+        {"name": "bf16", "ckpt": str(checkpoints["small"]), "ids": _ids(checkpoints["small"]),
+         "runtime": {"dtype": "bfloat16"}},
         {"name": "small", "ckpt": str(checkpoints["small"]), "ids": _ids(checkpoints["small"]), "prompt": PROMPT,
          "generate": RUNS, "likelihood": LIKELIHOOD},
     ]}
@@ -130,29 +137,31 @@ def single(checkpoints):
     torch.set_num_threads(1)
     out = {}
     with torch.inference_mode():
-        for name in ("random", "int8", "small"):
-            rt = Runtime(checkpoints[name], device="cpu")
-            r = {"logits": forward(rt.config, rt.weights, torch.tensor(_ids(checkpoints[name]))),
+        for name in ("random", "int8", "tied", "small", "bf16"):
+            ckpt = checkpoints["small" if name == "bf16" else name]
+            rt = Runtime(ckpt, device="cpu", dtype="bfloat16" if name == "bf16" else None)
+            r = {"logits": forward(rt.config, rt.weights, torch.tensor(_ids(ckpt))),
                  "weight_bytes": sum(t.numel() * t.element_size() for t in rt.weights.tensors()), "tokens": {}}
             if name == "int8":   # the float original, for the scale of int8's own error
                 r["fp32_logits"] = forward(rt.config, Runtime(checkpoints["random"], device="cpu").weights,
                                            torch.tensor(_ids(checkpoints[name])))
             if name == "small":
                 r["likelihood"] = rt.log_likelihood(**LIKELIHOOD).estimates
-            if name != "int8":
+            if name in ("random", "small"):
                 for run, options in RUNS.items():
                     rec = TieRecorder()
                     rec.inner = ops.confidence
                     ops.confidence = rec
                     try:
-                        r["tokens"][run] = (rt.generate(PROMPT, **options).token_ids[0], rec)
+                        options = dict(options)
+                        r["tokens"][run] = (rt.generate(options.pop("prompt", PROMPT), **options).token_ids, rec)
                     finally:
                         ops.confidence = rec.inner
             out[name] = r
     return out
 
 
-@pytest.mark.parametrize("name", ["random", "small"])
+@pytest.mark.parametrize("name", ["random", "tied", "small"])
 def test_logits_match_one_process(world, single, name):
     """The ranks' logit shards, concatenated over the vocabulary, equal one process's logits in fp32."""
     got = torch.cat([w[name]["logits"] for w in world], dim=-1)                  # (B, S, V)
@@ -161,6 +170,17 @@ def test_logits_match_one_process(world, single, name):
     print(f"{name}: {RANKS} ranks vs 1 process: max |logit error| {err:.2e} of max |logit| "
           f"({float(ref.abs().max()):.2f}); shard shape {tuple(world[0][name]['logits'].shape)}")
     assert got.shape == ref.shape and err < LOGIT_TOL
+
+
+def test_bfloat16_logits(world, single):
+    """bf16 weights and activations (gloo all-reduces bf16, so the partial sums round once more): within the bf16
+    runtime's own error of one process's bf16 logits."""
+    got = torch.cat([w["bf16"]["logits"] for w in world], dim=-1).float()
+    ref, fp32 = single["bf16"]["logits"].float(), single["small"]["logits"]
+    err = float((got - ref).abs().max() / ref.abs().max())
+    own = float((ref - fp32).abs().max() / fp32.abs().max())
+    print(f"bf16: {RANKS} ranks vs 1 process {err:.2e}, bf16 vs fp32 in one process {own:.2e} (of max |logit|)")
+    assert err < 2 * own
 
 
 def test_int8_checkpoint_logits(world, single):

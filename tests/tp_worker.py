@@ -25,8 +25,9 @@ def main(spec_path: str, out_path: str) -> None:
         r["tokens"] = {}
         for name, options in job.get("generate", {}).items():
             before = rt.tp.bytes_reduced, rt.tp.bytes_gathered
-            res = rt.generate(job["prompt"], **options)
-            r["tokens"][name] = res.token_ids[0]
+            options = dict(options)
+            res = rt.generate(options.pop("prompt", job["prompt"]), **options)
+            r["tokens"][name] = res.token_ids
             r.setdefault("collective_bytes", {})[name] = (rt.tp.bytes_reduced - before[0],
                                                           rt.tp.bytes_gathered - before[1], res.nfe)
         if "likelihood" in job:
