@@ -1,10 +1,34 @@
 """One rank of the tensor-parallel tests (tests/test_tensor_parallel.py starts one process per rank with torchrun's
 environment): runs the jobs of a JSON spec through Runtime inside the world and saves what this rank saw."""
 import json
+import os
 import resource
 import sys
+from pathlib import Path
 
 import torch
+
+
+def peak_rss_bytes() -> int:
+    """VmHWM: this process image's peak resident set (ru_maxrss would carry the parent's peak across exec)."""
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def load_peak(ckpt: str) -> dict:
+    """The resident-set peak that loading this rank's weights adds (path fixed: no per-shape measurement runs)."""
+    from llada_rt.config import load_config
+    from llada_rt.parallel import init_tensor_parallel
+    from llada_rt.weights import load_weights
+
+    tp = init_tensor_parallel(torch.device("cpu"))
+    cfg = load_config(ckpt)
+    before = peak_rss_bytes()
+    w = load_weights(ckpt, cfg, tp=tp, path="torch_nk")
+    out = {"peak_bytes": peak_rss_bytes() - before,
+           "weight_bytes": sum(t.numel() * t.element_size() for t in w.tensors())}
+    del w
+    return out
 
 
 def main(spec_path: str, out_path: str) -> None:
@@ -14,7 +38,9 @@ def main(spec_path: str, out_path: str) -> None:
 
     spec = json.loads(open(spec_path).read())
     results = {}
-    for job in spec["jobs"]:
+    if "load_peak" in spec:   # first, while nothing larger has raised the peak
+        results["load_peak"] = load_peak(spec["load_peak"])
+    for job in spec.get("jobs", []):
         rt = Runtime(job["ckpt"], device="cpu", **job.get("runtime", {}))
         assert rt.tp is not None and rt.weights.tp is rt.tp, "Runtime inside a torchrun world must shard"
         r = {"rank": rt.tp.rank, "size": rt.tp.size,
