@@ -31,6 +31,9 @@ RUNS = {"exact": dict(GEN, mode="exact"), "prefix": dict(GEN, mode="prefix"), "d
         "prefix_temperature": dict(GEN, mode="prefix", temperature=0.7, seed=4),
         "dual_temperature": dict(GEN, mode="dual", temperature=0.7, seed=5),
         "dual_threshold": dict(GEN, mode="dual", threshold=0.5),
+        # EOS/EOT (rank 1's shard of LLaDA's vocabulary) suppressed or zero-confidence; random remasking
+        "exact_eos": dict(GEN, mode="exact", logits_eos_inf=True, confidence_eos_eot_inf=True),
+        "prefix_random": dict(GEN, mode="prefix", remasking="random", seed=7),
         # a batch of prompts of different lengths (left padding, per-row positions) in one sharded forward
         "prefix_batch": dict(GEN, mode="prefix", temperature=0.7, seed=6, prompt=["reverse: abc", "sort: cab ba"])}
 LOGIT_TOL = 1e-5    # of max |logit|: fp32 with the sums of the row-parallel projections in another order
