@@ -14,10 +14,13 @@ class KVCache:
     rewrites the whole row, a prefix-mode step the block and the suffix, a dual-mode step only the block.
     """
 
-    def __init__(self, cfg: LLaDAConfig, rows: int, cols: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: LLaDAConfig, rows: int, cols: int, dtype: torch.dtype, device: torch.device,
+                 n_kv_heads: int | None = None):
+        """n_kv_heads: the heads this process holds (a tensor-parallel rank's share; None: all of cfg's)."""
         self.cfg, self.dtype, self.device = cfg, dtype, device
         self.rows, self.cols = rows, cols
-        shape = (cfg.n_layers, rows, cols, cfg.n_kv_heads, cfg.head_dim)
+        self.n_kv_heads = cfg.n_kv_heads if n_kv_heads is None else n_kv_heads
+        shape = (cfg.n_layers, rows, cols, self.n_kv_heads, cfg.head_dim)
         # zeros, not empty: masked-out keys are multiplied by 0 in attention, and 0 * NaN garbage would be NaN
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -32,7 +35,7 @@ class KVCache:
             return
         rows, cols = max(rows, self.rows), max(cols, self.cols)
         old_k, old_v, r, c = self.k, self.v, self.rows, self.cols
-        self.__init__(self.cfg, rows, cols, self.dtype, self.device)
+        self.__init__(self.cfg, rows, cols, self.dtype, self.device, self.n_kv_heads)
         self.k[:, :r, :c] = old_k
         self.v[:, :r, :c] = old_v
 

@@ -550,6 +550,29 @@ def _error_kind(e: BaseException) -> str:
     return "internal"
 
 
+# the commands that run inside a torchrun world: every rank makes the same calls from its arguments alone
+_TP_COMMANDS = ("generate", "info")
+
+
+def _tensor_parallel_rank(args) -> int | None:
+    """This process's rank when torchrun started it in a world of several (None otherwise); ranks other than 0 run
+    silently (stdout and stderr to /dev/null) with the same exit code as rank 0."""
+    from .parallel import world_from_env
+
+    world = world_from_env()
+    if world is None:
+        return None
+    if args.command not in _TP_COMMANDS:
+        raise UsageError(f"`{args.command}` does not run under torchrun (tensor parallelism runs "
+                         f"{' and '.join(_TP_COMMANDS)}); start it as a single process")
+    if args.command == "generate" and args.file in (None, "-") and args.prompt in (None, "-"):
+        raise UsageError("under torchrun every rank needs the prompt: pass it as an argument or with --file PATH, "
+                         "not on stdin")
+    if world[0] != 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+    return world[0]
+
+
 def main(argv=None) -> int:
     """The llada-rt command; returns its exit code (EXIT_CODES). Never shows a traceback unless --debug."""
     in_main_thread = threading.current_thread() is threading.main_thread()
@@ -575,6 +598,7 @@ def _main(argv) -> int:
             passed_on = "bench_args" if args.command == "bench" else "lm_eval_args"  # the benchmark's / lm-eval's
             setattr(args, passed_on, extra + list(getattr(args, passed_on)))
         command, debug = f" {args.command}", debug or args.debug
+        _tensor_parallel_rank(args)
         code = args.func(args)
         sys.stdout.flush()   # here, so that a closed pipe is reported as one, not at interpreter exit
         return code

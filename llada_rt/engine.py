@@ -3,13 +3,14 @@ workspace, CUDA graphs) and the step that advances every active request by one d
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 import time
 
 import numpy as np
 import torch
 
-from . import reference
+from . import parallel, reference
 from .reference import ADVANCE_BLOCK_DONE as BLOCK_DONE, ADVANCE_DONE as DONE, ADVANCE_EARLY as EARLY
 from .cache import KVCache
 from .config import LLaDAConfig
@@ -184,7 +185,9 @@ class Engine:
             need_rows = len(self.active) + 1
             self._ensure(max(need_rows, self.capacity if self.free else need_rows), req.length)
             if uses_cache(config.mode) and self.cache is None:
-                self.cache = KVCache(self.cfg, self.st.rows + 1, self.st.cols + 1, self.w.dtype, self.device)
+                tp = self.w.tp
+                self.cache = KVCache(self.cfg, self.st.rows + 1, self.st.cols + 1, self.w.dtype, self.device,
+                                     n_kv_heads=None if tp is None else tp.local(self.cfg.n_kv_heads))
                 if self.graphs is not None:
                     self.graphs.invalidate()
             req.slot = self.free.pop(0)
@@ -373,7 +376,10 @@ class Engine:
         ans = torch.sub(bs, P, out=g("ans0", (Bb,)))                                 # answer position of the block
         ans = torch.add(ans[:, None], ar[:N], out=g("ans", (Bb, N)))
         blk_sel = torch.take(block, p["sel"], out=g("blk_sel", (M,)))
-        token, prob = impl.confidence(
+        # tensor parallel: logits are this rank's vocabulary shard; the ranks merge small per-row states
+        conf = impl.confidence if self.w.tp is None else \
+            functools.partial(parallel.confidence, impl, self.w.tp, full_vocab=self.cfg.padded_vocab)
+        token, prob = conf(
             logits.view(M, 1, V), torch.eq(blk_sel, self._const(self.mask_id), out=g("maskedM", (M,), b8)).view(M, 1),
             temperature=torch.take(st.temperature, slM, out=g("tempM", (M,), f32)),
             seed=torch.take(st.seed, slM, out=g("seedM", (M,))),

@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from . import model
+from . import model, parallel
 from .config import LLaDAConfig
 from .weights import ModelWeights
 
@@ -125,15 +125,19 @@ def _forward(cfg: LLaDAConfig, w: ModelWeights, tokens: torch.Tensor, positions:
 
 
 def _target_log_probs(logits: torch.Tensor, uncond: torch.Tensor | None, targets: torch.Tensor,
-                      cfg_scale: float, rows_per_pass: int = 2048) -> torch.Tensor:
+                      cfg_scale: float, rows_per_pass: int = 2048, tp=None) -> torch.Tensor:
     """log_softmax(logits)[targets] in fp32 for logits (M, V) in any dtype, CFG-combined with uncond (M, V) when
-    given, a slice of rows at a time so that an fp32 copy of LLaDA-8B's (M, 126464) logits never exists at once."""
+    given, a slice of rows at a time so that an fp32 copy of LLaDA-8B's (M, 126464) logits never exists at once.
+    tp: logits are this rank's vocabulary shard (M, V / size); the log-softmax is reduced across the group."""
     out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     for a in range(0, logits.shape[0], rows_per_pass):
         part = logits[a:a + rows_per_pass].float()
         if uncond is not None:
             u = uncond[a:a + rows_per_pass].float()
             part = u + (cfg_scale + 1) * (part - u)
+        if tp is not None:
+            out[a:a + rows_per_pass] = parallel.log_softmax_at(tp, part, targets[a:a + rows_per_pass])
+            continue
         out[a:a + rows_per_pass] = part.gather(1, targets[a:a + rows_per_pass, None])[:, 0] - part.logsumexp(-1)
     return out
 
@@ -233,7 +237,7 @@ def masked_log_likelihood(cfg: LLaDAConfig, w: ModelWeights, prompts: Sequence[S
         else:
             sel = _forward(cfg, w, tokens, positions, key_start, cols, backend)[scored_d]
             sel_u = None
-        lp = _target_log_probs(sel, sel_u, targets.to(device)[scored_d], cfg_scale)  # (M,)
+        lp = _target_log_probs(sel, sel_u, targets.to(device)[scored_d], cfg_scale, tp=w.tp)  # (M,)
         lp_rows = torch.zeros(R, La, dtype=torch.float64, device=device)
         lp_rows[scored_d] = lp.double()
         count = scored.sum(1).to(torch.float64)

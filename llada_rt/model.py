@@ -5,7 +5,7 @@ import dataclasses
 
 import torch
 
-from . import reference
+from . import parallel, reference
 from .config import LLaDAConfig
 from .weights import ModelWeights
 from .workspace import Workspace, scratch
@@ -74,15 +74,25 @@ def forward_batch(cfg: LLaDAConfig, w: ModelWeights, fb: ForwardBatch, cache=Non
     rope: the RoPE table (built here for the largest position when None). ws: a Workspace that every intermediate is
     written into (no allocation once warm; not differentiable), or None (fresh tensors; with backend 'torch' the
     whole forward is differentiable). backend: 'ops' (llada_rt.ops, the compiled kernels) or 'torch' (reference.py).
+    Weights of one rank of a tensor-parallel group (w.tp) run that rank's heads, MLP columns and vocabulary shard, with
+    one all-reduce after the embedding, the attention output and the down projection; the logits are then this
+    rank's shard (M, V / size) of the vocabulary.
     """
     impl = _impl(backend)
+    tp = w.tp
     B, S = fb.tokens.shape
     BS, d, dt = B * S, cfg.d_model, w.dtype
     Hq, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    mlp, vocab = cfg.mlp_hidden_size, cfg.padded_vocab
+    if tp is not None:   # this rank's heads (the KV cache holds only them), MLP columns and vocabulary rows
+        Hq, Hkv, mlp, vocab = tp.local(Hq), tp.local(Hkv), tp.local(mlp), tp.local(vocab)
     if rope is None:
         rope = RopeTable.build(cfg, int(fb.positions.max()) + 1 if fb.positions.numel() else 1, fb.tokens.device)
     inplace = ws is not None
-    x = torch.index_select(w.embed, 0, fb.tokens.reshape(-1), out=scratch(ws, "x", (BS, d), dt))   # (BS, d)
+    if tp is None:
+        x = torch.index_select(w.embed, 0, fb.tokens.reshape(-1), out=scratch(ws, "x", (BS, d), dt))   # (BS, d)
+    else:
+        x = parallel.embed(tp, w.embed, fb.tokens.reshape(-1), out=scratch(ws, "x", (BS, d), dt))
     for i, layer in enumerate(w.layers):
         h = impl.rms_norm(x, layer.attn_norm, cfg.rms_norm_eps, out=scratch(ws, "h", (BS, d), dt))
         qkv = impl.linear(h, layer.wqkv, out=scratch(ws, "qkv", (BS, (Hq + 2 * Hkv) * D), dt))
@@ -102,18 +112,22 @@ def forward_batch(cfg: LLaDAConfig, w: ModelWeights, fb: ForwardBatch, cache=Non
         else:
             a = impl.attention(q, k, v, fb.key_start, fb.key_end, out=a_out)      # (B, S, Hq, D)
         o = impl.linear(a.reshape(BS, Hq * D), layer.wo, out=scratch(ws, "o", (BS, d), dt))
+        if tp is not None:   # row-parallel: each rank's heads give a partial sum of the projection
+            tp.all_reduce_(o)
         x = x.add_(o) if inplace else x + o
         h = impl.rms_norm(x, layer.ff_norm, cfg.rms_norm_eps, out=scratch(ws, "h", (BS, d), dt))
-        gu = impl.linear(h, layer.w_gate_up, out=scratch(ws, "gate_up", (BS, 2 * cfg.mlp_hidden_size), dt))
-        m = impl.silu_mul(gu, out=scratch(ws, "mlp", (BS, cfg.mlp_hidden_size), dt))
+        gu = impl.linear(h, layer.w_gate_up, out=scratch(ws, "gate_up", (BS, 2 * mlp), dt))
+        m = impl.silu_mul(gu, out=scratch(ws, "mlp", (BS, mlp), dt))
         o = impl.linear(m, layer.w_down, out=scratch(ws, "o", (BS, d), dt))
+        if tp is not None:
+            tp.all_reduce_(o)
         x = x.add_(o) if inplace else x + o
     if fb.logit_rows is not None:
         M = fb.logit_rows.shape[0]
         x = torch.index_select(x, 0, fb.logit_rows, out=scratch(ws, "x_rows", (M, d), dt))   # (M, d)
     M = x.shape[0]
     x = impl.rms_norm(x, w.ln_f, cfg.rms_norm_eps, out=scratch(ws, "x_norm", (M, d), dt))
-    return impl.linear(x, w.lm_head, out=scratch(ws, "logits", (M, cfg.padded_vocab), dt))     # (M, V)
+    return impl.linear(x, w.lm_head, out=scratch(ws, "logits", (M, vocab), dt))   # (M, V)
 
 
 def forward(cfg: LLaDAConfig, w: ModelWeights, tokens: torch.Tensor, positions: torch.Tensor | None = None,

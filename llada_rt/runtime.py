@@ -11,6 +11,7 @@ import torch
 from .config import GENERATION_CONFIG_FILE, load_config, load_generation_config
 from .engine import Engine
 from .generation_config import GenerationConfig, GenerationConfigError, check_defaults, make_config
+from .parallel import TPError, check_divisible, init_tensor_parallel, tp_device, world_from_env
 from .prompts import PromptError, check_messages, encode_prompts
 from .request import Request, StepEvent
 from .tokenizer import Tokenizer
@@ -129,11 +130,15 @@ class Runtime:
     backend 'ops' runs the compiled kernels; 'torch' runs every op from reference.py (slow; for comparisons).
     max_rows caps the requests in flight at once (None: the engine grows as needed). check_finite: scan every weight
     for NaN/inf at load (skip it only for trusted checkpoints).
+
+    tensor_parallel: None (default) shards the model over the torchrun world this process runs in, if any (each rank
+    loads only its shard; NCCL on CUDA with GPU LOCAL_RANK, gloo on the CPU; every rank must make the same calls);
+    False loads the whole model in every process; True requires a torchrun world of more than one process.
     """
 
     def __init__(self, path: str | Path | None = None, device: str | torch.device | None = None,
                  dtype: torch.dtype | str | None = None, quantize: str | None = None, *, backend: str = "ops",
-                 max_rows: int | None = None, check_finite: bool = True):
+                 max_rows: int | None = None, check_finite: bool = True, tensor_parallel: bool | None = None):
         self.path = Path(path) if path is not None else SHIPPED_MODEL
         if not self.path.is_dir():
             where = "the shipped model" if path is None else "the checkpoint directory"
@@ -142,6 +147,12 @@ class Runtime:
         self.device = _default_device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device='cuda' was asked for but torch sees no CUDA GPU; use device='cpu'")
+        world = world_from_env() if tensor_parallel is not False else None
+        if tensor_parallel and world is None:
+            raise TPError("tensor_parallel=True needs a torchrun world of more than one process; launch with "
+                          "`torchrun --nproc-per-node N ...`")
+        if world is not None:
+            self.device = tp_device(self.device)
         if isinstance(dtype, str):
             if dtype not in _DTYPES:
                 raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
@@ -152,11 +163,15 @@ class Runtime:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
         self.dtype = dtype
         self.config = load_config(self.path)
+        self.tp = None
+        if world is not None:   # sizes first: a checkpoint that cannot split fails before any rendezvous
+            check_divisible(self.config, world[1])
+            self.tp = init_tensor_parallel(self.device)
         self.tokenizer = Tokenizer(self.path, mask_id=self.config.mask_token_id, eos_id=self.config.eos_token_id)
         # quantize "int8": every linear (LM head included) int8 with per-output-channel scales; an int8 checkpoint
         # (`llada-rt quantize`) loads as int8 without it
         self.weights = load_weights(self.path, self.config, self.device, dtype, quantize=quantize,
-                                    check_finite=check_finite)
+                                    check_finite=check_finite, tp=self.tp)
         self.generation_defaults = check_defaults(load_generation_config(self.path, vocab_size=self.config.vocab_size),
                                                   str(self.path / GENERATION_CONFIG_FILE))
         self.engine = Engine(self.config, self.weights, self.device, stop_ids=self.tokenizer.stop_ids,
@@ -196,6 +211,9 @@ class Runtime:
 
     def _validate(self, gc: GenerationConfig, prompt_len: int) -> None:
         gc.validate(prompt_len, self.config.max_sequence_length, self.device.type)
+        if gc.cuda_graph and self.tp is not None:
+            raise GenerationConfigError("cuda_graph=True is not supported under tensor parallelism (capturing the "
+                                        "NCCL collectives of a step is unverified); drop cuda_graph")
         if gc.cuda_graph and self.engine.backend != "ops":
             raise GenerationConfigError("cuda_graph=True needs backend='ops' (reference.py ops read values back to the "
                                         "host and cannot be captured)")

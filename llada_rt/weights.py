@@ -19,6 +19,7 @@ import torch
 
 from .config import INT8_QUANTIZATION_CONFIG, ConfigError, LLaDAConfig, parse_json, read_json, short_repr
 from .linear import QUANTIZE_MODES, Linear, describe as describe_linears
+from .parallel import TPGroup, check_divisible
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -54,6 +55,9 @@ class ModelWeights:
     layers: list[LayerWeights]
     ln_f: torch.Tensor        # (d,)
     lm_head: Linear           # W (V, d); when weight_tying, built on the embedding itself (or its int8 copy)
+    # the group these weights are one rank's shard of (llada_rt.parallel): then embed and lm_head hold V/size rows,
+    # wqkv its heads' rows of q, k and v, w_gate_up its rows of gate and up, wo and w_down its columns
+    tp: TPGroup | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -296,7 +300,7 @@ def validate(cfg: LLaDAConfig, ckpt_dir: str | Path) -> dict[str, Path]:
 
 def load_weights(ckpt_dir: str | Path, cfg: LLaDAConfig, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, quantize: str | None = None, path: str | None = None,
-                 check_finite: bool = True) -> ModelWeights:
+                 check_finite: bool = True, tp: TPGroup | None = None) -> ModelWeights:
     """Loads and fuses the weights one tensor at a time onto `device`: embedding and norms in `dtype`, each linear as a
     Linear (no second full copy in RAM): float weights in `dtype` on `path` (None: the one choose_path measures
     fastest for the shape), or int8 when the checkpoint is int8 or quantize="int8" (quantized here from the
@@ -304,7 +308,10 @@ def load_weights(ckpt_dir: str | Path, cfg: LLaDAConfig, device: torch.device | 
 
     check_finite: every float tensor, as it will be used (cast to `dtype`, or as stored when it is quantized here or
     is an int8 checkpoint's scale), is checked for NaN/inf on the device (one reduction per tensor; all offenders
-    reported at once by name and file). False skips it, for trusted checkpoints."""
+    reported at once by name and file). False skips it, for trusted checkpoints.
+
+    tp: load only rank tp.rank's shard (llada_rt.parallel's split), each slice read straight from the file (no full
+    tensor in memory)."""
     from safetensors import safe_open
 
     if quantize is not None and quantize not in QUANTIZE_MODES:
@@ -319,10 +326,14 @@ def load_weights(ckpt_dir: str | Path, cfg: LLaDAConfig, device: torch.device | 
                               "bfloat16; load this checkpoint in float32 (attention through torch SDPA) or on the CPU "
                               "(any even head dimension)")
     files = validate(cfg, ckpt_dir)
+    if tp is not None:
+        check_divisible(cfg, tp.size)
+    full_shapes = expected_shapes(cfg)
     handles = {}
     non_finite = []
 
-    def raw(name: str) -> torch.Tensor:
+    def raw(name: str, split: int | None = None) -> torch.Tensor:
+        """The tensor, or under tp this rank's span of it along dimension `split` (0 rows, 1 columns)."""
         file = files[name]
         if file not in handles:
             try:
@@ -330,7 +341,11 @@ def load_weights(ckpt_dir: str | Path, cfg: LLaDAConfig, device: torch.device | 
             except Exception as e:  # safetensors raises its own error types
                 raise CheckpointError(f"{file}: cannot be opened as safetensors ({e})") from None
         try:
-            return handles[file].get_tensor(name)
+            if tp is None or split is None:
+                return handles[file].get_tensor(name)
+            a, b = tp.span(full_shapes[name][split])
+            part = handles[file].get_slice(name)                 # reads only the slice's bytes
+            return part[a:b] if split == 0 else part[:, a:b]
         except Exception as e:
             raise CheckpointError(f"{file}: tensor {name!r} cannot be read ({e}); the file may be corrupt") from None
 
@@ -339,24 +354,26 @@ def load_weights(ckpt_dir: str | Path, cfg: LLaDAConfig, device: torch.device | 
             non_finite.append(_non_finite_report(files[name], name, stored, t))
         return t
 
-    def get(name: str) -> torch.Tensor:
-        stored = raw(name)
+    def get(name: str, split: int | None = None) -> torch.Tensor:
+        stored = raw(name, split)
         return checked(name, stored, stored.to(dtype=dtype))
 
-    def as_stored(name: str) -> torch.Tensor:
-        stored = raw(name)
+    def as_stored(name: str, split: int | None = None) -> torch.Tensor:
+        stored = raw(name, split)
         return checked(name, stored, stored)
 
-    def linear(*names: str) -> Linear:
-        """The Linear of the named (N_i, K) weights stacked along N."""
+    def linear(*names: str, split: int | None = None) -> Linear:
+        """The Linear of the named (N_i, K) weights stacked along N; under tp each weight's own span along `split`
+        (0: column-parallel, rows of N; 1: row-parallel, columns of K)."""
         if cfg.quantization == "int8":
-            q = torch.cat([raw(n) for n in names], 0)
-            scale = torch.cat([as_stored(n + SCALE_SUFFIX) for n in names], 0)
+            q = torch.cat([raw(n, split) for n in names], 0)
+            # per-output-channel scales go with their rows; a K split keeps every row, so every scale
+            scale = torch.cat([as_stored(n + SCALE_SUFFIX, 0 if split == 0 else None) for n in names], 0)
             return Linear.from_int8(q, scale)
         if quantize is not None:
-            w = torch.cat([as_stored(n) for n in names], 0)
+            w = torch.cat([as_stored(n, split) for n in names], 0)
             return Linear.from_dense(w, quantize=quantize)
-        parts = [get(n) for n in names]
+        parts = [get(n, split) for n in names]
         w = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
         del parts
         return Linear.from_dense(w, path=path)
@@ -366,23 +383,24 @@ def load_weights(ckpt_dir: str | Path, cfg: LLaDAConfig, device: torch.device | 
         p = f"model.transformer.blocks.{i}."
         layers.append(LayerWeights(
             attn_norm=get(p + "attn_norm.weight"),
-            wqkv=linear(p + "q_proj.weight", p + "k_proj.weight", p + "v_proj.weight"),
-            wo=linear(p + "attn_out.weight"), ff_norm=get(p + "ff_norm.weight"),
-            w_gate_up=linear(p + "ff_proj.weight", p + "up_proj.weight"), w_down=linear(p + "ff_out.weight"),
+            wqkv=linear(p + "q_proj.weight", p + "k_proj.weight", p + "v_proj.weight", split=0),
+            wo=linear(p + "attn_out.weight", split=1), ff_norm=get(p + "ff_norm.weight"),
+            w_gate_up=linear(p + "ff_proj.weight", p + "up_proj.weight", split=0),
+            w_down=linear(p + "ff_out.weight", split=1),
         ))
-    embed = get("model.transformer.wte.weight")
+    embed = get("model.transformer.wte.weight", split=0)
     ln_f = get("model.transformer.ln_f.weight")
     if cfg.weight_tying:
         lm_head = tied_lm_head(embed, quantize or cfg.quantization)
     else:
-        lm_head = linear("model.transformer.ff_out.weight")
+        lm_head = linear("model.transformer.ff_out.weight", split=0)
     if non_finite:
         raise CheckpointError(f"{ckpt_dir}: weights with NaN or inf values, which make every answer garbage: "
                               + "; ".join(non_finite[:8]) + (f" and {len(non_finite) - 8} more tensors"
                                                              if len(non_finite) > 8 else "")
                               + "; re-download or re-convert the checkpoint, or pass check_finite=False to load it "
                               "anyway")
-    return ModelWeights(embed=embed, layers=layers, ln_f=ln_f, lm_head=lm_head)
+    return ModelWeights(embed=embed, layers=layers, ln_f=ln_f, lm_head=lm_head, tp=tp)
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -416,6 +434,9 @@ def tied_lm_head(embed: torch.Tensor, quantize: str | None) -> Linear:
 def to_hf_state_dict(cfg: LLaDAConfig, w: ModelWeights) -> dict[str, torch.Tensor]:
     """ModelWeights -> {HF name: tensor} (q/k/v and gate/up split back), contiguous, detached; int8 linears as int8
     weights plus their "_scale" tensors (the int8 checkpoint layout), dense ones as their dense weight."""
+    if w.tp is not None:
+        raise ValueError(f"to_hf_state_dict: these weights are rank {w.tp.rank}'s shard of {w.tp.size}; save the "
+                         "checkpoint from an unsharded Runtime")
     dq, dkv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     sd = {"model.transformer.wte.weight": w.embed, "model.transformer.ln_f.weight": w.ln_f}
 
