@@ -385,23 +385,28 @@ def check_state_path(path: Path) -> None:
                          "never shipped")
 
 
-def save_state(path: Path, trainer: Trainer, clock: dict) -> None:
+def save_state(path: Path, trainer: Trainer, clock: dict, out: Path) -> None:
     """The training state, written to a temporary file and renamed (a crash mid-write keeps the previous one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"version": STATE_VERSION, "train_config": dataclasses.asdict(trainer.tc), "clock": clock,
-                **trainer.state_dict()}, tmp)
+    torch.save({"version": STATE_VERSION, "train_config": dataclasses.asdict(trainer.tc), "out": str(out),
+                "clock": clock, **trainer.state_dict()}, tmp)
     os.replace(tmp, path)
 
 
-def load_state(path: Path, tc: TrainConfig) -> dict:
-    """The saved state, after checking that it belongs to a run of this configuration."""
+def read_state(path: Path) -> dict:
     if not path.is_file():
         raise ValueError(f"--resume: no training state at {path}; run without --resume to start, or pass the "
                          "--state of the run to continue")
     sd = torch.load(path, weights_only=False)  # our own file: python random states and the pool's examples
     if sd.get("version") != STATE_VERSION:
         raise ValueError(f"{path}: training state version {sd.get('version')}, this script writes {STATE_VERSION}")
+    return sd
+
+
+def load_state(path: Path, tc: TrainConfig) -> dict:
+    """The saved state, after checking that it belongs to a run of this configuration."""
+    sd = read_state(path)
     saved, asked = sd["train_config"], dataclasses.asdict(tc)
     diff = [f"{k}: saved {saved.get(k)!r}, asked {asked[k]!r}" for k in asked
             if k not in RUN_ONLY_FIELDS and _plain(saved.get(k)) != _plain(asked[k])]
@@ -509,10 +514,10 @@ def train(tc: TrainConfig, out: Path, log=print, command: str | None = None, ini
                     save(out, cfg, w, ids, tc, step, clock, trainer.ema)
             if tc.state_every and step % tc.state_every == 0 and step < last:
                 tick()
-                save_state(state, trainer, clock)
+                save_state(state, trainer, clock, out)
     tick()
     save(out, cfg, w, ids, tc, trainer.step, clock, trainer.ema)
-    save_state(state, trainer, clock)
+    save_state(state, trainer, clock, out)
     how = "stopped by a signal" if stop.asked else "done" if trainer.step == tc.steps else "stopped at --stop-at"
     log(f"saved {out} and the training state {state} at step {trainer.step} of {tc.steps} ({how}); "
         f"{clock['train_s']:.0f}s wall, {clock['cpu_s']:.0f}s CPU in all")
@@ -593,28 +598,40 @@ def measure_speed(tc: TrainConfig, rounds: int, log=print, steps_per_round: int 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint directory (default: the shipped model)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="checkpoint directory (default: the shipped model's; with --resume, the saved run's)")
     ap.add_argument("--quick", action="store_true", help="a tiny model for a few steps (the test)")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="start from this checkpoint's weights instead of a random init (same shape)")
     ap.add_argument("--state", type=Path, default=None,
                     help=f"training state file (default: one per --out in {DEFAULT_STATE_DIR}; never in the package)")
-    ap.add_argument("--resume", action="store_true", help="continue the run saved in --state")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run saved in --state with its options (run-only ones, such as --stop-at, may "
+                         "be given anew)")
     ap.add_argument("--measure-speed", type=int, default=0, metavar="ROUNDS",
                     help="time the step variants (fp32/bf16, eager/compiled) interleaved for ROUNDS rounds; no training")
     for f in dataclasses.fields(TrainConfig):
         if f.name != "gen_lengths":
             ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None)
     args = ap.parse_args(argv)
-    base = dict(QUICK) if args.quick else {}
-    base.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if f.name != "gen_lengths" and getattr(args, f.name) is not None})
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if f.name != "gen_lengths" and getattr(args, f.name) is not None}
     command = "python bench/train_small.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    tc = TrainConfig(**base)
+    out = args.out
     try:
-        check_options(tc)
         if args.state is not None:
             check_state_path(args.state)
+        if args.resume:  # the saved run's options; one given anew that changes the weights is refused by train()
+            args.state = args.state or default_state_path(out or DEFAULT_OUT)
+            saved = read_state(args.state)
+            base = {**saved["train_config"], "stop_at": 0, **given}  # a --stop-at is for one invocation
+            if out is None and "out" not in saved:
+                raise ValueError(f"{args.state} does not name its output directory: pass --out")
+            out = out or Path(saved["out"])
+        else:
+            base = {**(QUICK if args.quick else {}), **given}
+        tc = TrainConfig(**base)
+        check_options(tc)
     except ValueError as e:
         ap.error(str(e))
     log = lambda s: print(s, flush=True)  # noqa: E731
@@ -622,7 +639,7 @@ def main(argv=None) -> int:
         measure_speed(tc, args.measure_speed, log=log)
         return 0
     try:
-        train(tc, args.out, log=log, command=command.strip(), init_from=args.init_from, state=args.state,
+        train(tc, out or DEFAULT_OUT, log=log, command=command.strip(), init_from=args.init_from, state=args.state,
               resume=args.resume)
     except ValueError as e:  # a missing or foreign training state, or an existing one without --resume
         print(f"train_small.py: error: {e}", file=sys.stderr)

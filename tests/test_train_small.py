@@ -183,10 +183,26 @@ def test_resume_checks_the_state(tmp_path):
     assert train_small.default_state_path(tmp_path / "b") != train_small.default_state_path(tmp_path / "c")
 
 
-def test_script_resume_errors_are_usage_errors(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "train_small.py"), "--quick", "--resume",
-                        "--out", str(tmp_path / "q"), "--state", str(tmp_path / "none.pt")], capture_output=True,
-                       text=True, timeout=600)
+def script(*args):
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "train_small.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_script_resume_takes_the_saved_options(tmp_path):
+    """--resume --state S alone continues the saved run (its options, its output directory); a weight-changing
+    option given anew is a usage error, a run-only one is taken."""
+    state = tmp_path / "s.pt"
+    r = script("--quick", "--steps", 4, "--stop-at", 2, "--lr", 0.002, "--out", tmp_path / "q", "--state", state)
+    assert r.returncode == 0, r.stderr
+    r = script("--resume", "--state", state, "--lr", 0.001)
+    assert r.returncode == 2 and "lr: saved 0.002, asked 0.001" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = script("--resume", "--state", state, "--stop-at", 3)
+    assert r.returncode == 0 and "at step 3 of 4" in r.stdout, r.stderr
+    r = script("--resume", "--state", state)
+    assert r.returncode == 0 and "resumed" in r.stdout and "at step 4 of 4 (done)" in r.stdout, r.stderr
+    info = json.loads((tmp_path / "q" / "training.json").read_text())
+    assert info["step"] == 4 and info["train_config"]["lr"] == 0.002 and len(info["stages"]) == 3
+    r = script("--resume", "--state", tmp_path / "none.pt")
     assert r.returncode == 2 and "no training state" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
