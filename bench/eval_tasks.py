@@ -6,7 +6,7 @@
 Each row runs the whole held-out set (bench/tasks.py) through llada_rt.Runtime in batches of --batch-size prompts
 (left padding and key masking, as the runtime batches) and reports accuracy, forward passes (NFE) per batch call,
 tokens committed per forward, and wall time. The rows come from the runtime's own list of modes
-(llada_rt.decoding.MODES) and from the options GenerationConfig has, so a new mode or option adds rows by itself.
+(llada_rt.generation_config.MODES) and from the options GenerationConfig has, so a new mode or option adds rows by itself.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def mode_rows(thresholds: tuple[float, ...] | None = None, early_stop: str = "of
 
     thresholds replaces the default threshold value(s) (a curve); early_stop "on" adds it to every row, "both" adds
     an early-stopping copy of every row after the plain ones."""
-    from llada_rt.decoding import MODES, GenerationConfig
+    from llada_rt.generation_config import MODES, GenerationConfig
 
     fields = {f.name for f in dataclasses.fields(GenerationConfig)}
     variants = {**PARALLEL_VARIANTS, **({"threshold": thresholds} if thresholds is not None else {})}
@@ -100,12 +100,12 @@ def table(results: list[tuple[str, dict]], counts: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
-def write_results(text: str) -> None:
-    """Replaces the task-suite section of RESULTS.md (between the markers), keeping every other section."""
+def write_results(text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replaces one section of RESULTS.md (between the markers; by default the task suite's), keeping the others."""
     old = RESULTS.read_text() if RESULTS.is_file() else "# Results\n"
-    block = f"{BEGIN}\n{text.rstrip()}\n{END}"
-    if BEGIN in old and END in old:
-        new = old[:old.index(BEGIN)] + block + old[old.index(END) + len(END):]
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
     else:
         new = old.rstrip() + "\n\n" + block + "\n"
     RESULTS.write_text(new)

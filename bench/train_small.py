@@ -46,12 +46,13 @@ import tasks  # noqa: E402
 from llada_rt.config import LLaDAConfig  # noqa: E402
 from llada_rt.model import forward  # noqa: E402
 from llada_rt.tokenizer import Tokenizer  # noqa: E402
+from llada_rt.linear import Linear  # noqa: E402
 from llada_rt.weights import ModelWeights, init_weights, save_checkpoint  # noqa: E402
 
 DEFAULT_OUT = ROOT / "llada_rt" / "models" / "small"
 DEFAULT_STATE_DIR = Path.home() / ".cache" / "llada_rt" / "train_state"  # never inside the package
 EPS = 1e-3
-GEN_LENGTHS = ((16, 0.55), (32, 0.4), (128, 0.05))  # (response length G, probability of a batch using it)
+GEN_LENGTHS = ((16, 0.7), (32, 0.25), (128, 0.05))  # (response length G, probability of a batch using it)
 MULTI_TURN_P = 0.05  # share of batches whose prompts carry an earlier user/assistant turn (the chat REPL format)
 # The recommended generation settings of the shipped model (written to generation_config.json for the CLI).
 GENERATION_DEFAULTS = {"gen_length": 32, "block_length": 32, "steps": 32}
@@ -64,8 +65,8 @@ class TrainConfig:
     n_layers: int = 4
     n_heads: int = 2  # head_dim 64, a size the CUDA attention kernel takes
     mlp_hidden_size: int = 384
-    steps: int = 9000
-    batch_size: int = 64
+    steps: int = 9000  # 44.6 min on the 2-core development machine
+    batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 200
     weight_decay: float = 0.01
@@ -73,15 +74,16 @@ class TrainConfig:
     rope_theta: float = 10000.0
     embed_std: float = 0.02  # the embedding on the scale of the other matrices (init_weights draws it with std 1)
     seed: int = 1
-    threads: int = 1  # float sums depend on the thread count: reproduce (or resume) a run with the same value
-    amp: str = "bf16"  # "bf16": matmuls under bf16 autocast; "off": fp32 throughout
-    compile: int = 1  # 1: the loss (forward + cross-entropy) through torch.compile; 0: eager
+    threads: int = 2  # float sums depend on the thread count: reproduce (or resume) a run with the same value
+    amp: str = "off"  # "bf16": matmuls under bf16 autocast; "off": fp32 throughout (the shipped model)
+    compile: int = 0  # 1: the loss (forward + cross-entropy) through torch.compile; 0: eager (the shipped model)
     eval_every: int = 1500  # monitoring only (a minimal greedy sampler on a held-out prefix); 0 turns it off
     eval_per_task: int = 10
     stop_at: int = 0  # stop (and save) after this step, keeping the schedule of `steps`; 0: run all steps
     state_every: int = 500  # steps between two writes of the training state (--resume); 0: only when stopping
     task_weights: str = ""  # relative share of each task, e.g. "reverse=2,add=3,..."; empty: uniform
     tokenizer: str = "chars"  # "chars" (shipped) or "words" (build_tokenizer.py --words, an experiment)
+    task_set: int = 1  # tasks.TASK_SETS: 1 the shipped model's stream; 2 adds fact phrasings and lead-ins
     save_dtype: str = "float32"  # dtype of model.safetensors: float32 or bfloat16 (half the size)
     gen_lengths: tuple = GEN_LENGTHS
 
@@ -188,30 +190,35 @@ class Batches:
 
 def noise(tokens: torch.Tensor, P: int, mask_id: int, gen: torch.Generator):
     """LLaDA's forward process on the responses of tokens (B, T) (the prompt, [:, :P], is never masked):
-    (noisy tokens (B, T), masked (B, T) bool, per-row loss weight 1 / (p G) (B,))."""
+    (noisy tokens (B, T), masked (B, T) bool, per-row masking probability p (B,))."""
     B, T = tokens.shape
     G = T - P
     t = (torch.arange(B) + torch.rand(B, generator=gen)) / B                   # stratified t ~ U(0, 1)
     p = (1 - EPS) * t + EPS                                                    # (B,)
     masked = torch.zeros(B, T, dtype=torch.bool)
     masked[:, P:] = torch.rand(B, G, generator=gen) < p[:, None]
-    return torch.where(masked, mask_id, tokens), masked, 1 / (p * G)
+    return torch.where(masked, mask_id, tokens), masked, p
 
 
-def masked_ce(cfg: LLaDAConfig, w: ModelWeights, noisy, tokens, positions, key_start, masked, weight) -> torch.Tensor:
-    """LLaDA SFT loss: CE on the masked positions, times each row's weight, mean over rows."""
-    # logits of every row, prompt included: a slice at the prompt length P would make torch.compile specialize on
-    # each P (a recompile per prompt length); the LM head on the prompt rows costs a few % of the step
-    logits = forward(cfg, w, noisy, positions, key_start, backend="torch")    # (B, T, V)
-    ce = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten(), reduction="none").view(tokens.shape)
-    return ((ce * masked).sum(1) * weight).mean()
+def masked_ce(cfg: LLaDAConfig, w: ModelWeights, noisy, tokens, positions, key_start, masked, p, P: int,
+              all_rows: bool = False) -> torch.Tensor:
+    """LLaDA SFT loss: CE on the masked positions / p, summed per row, / G, mean over rows.
+
+    all_rows: the logits of every row, prompt included, for torch.compile: the slice at the prompt length P would
+    make it specialize on each P (a recompile per prompt length); the LM head on the prompt rows costs a few % of
+    the step. False: the response rows only (the eager step, the shipped model's arithmetic)."""
+    B, T = tokens.shape
+    start = 0 if all_rows else P
+    logits = forward(cfg, w, noisy, positions, key_start, rows=slice(start, T), backend="torch")  # (B, T - start, V)
+    ce = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, start:].flatten(), reduction="none").view(B, -1)
+    return ((ce * masked[:, start:]).sum(1) / p / (T - P)).mean()
 
 
 def diffusion_loss(cfg: LLaDAConfig, w: ModelWeights, tokens, positions, key_start, P: int,
-                   gen: torch.Generator, loss_fn=masked_ce) -> torch.Tensor:
+                   gen: torch.Generator, loss_fn=masked_ce, all_rows: bool = False) -> torch.Tensor:
     """LLaDA SFT loss on one batch: mask response positions with prob p per row, CE / p on them, / G, mean over rows."""
-    noisy, masked, weight = noise(tokens, P, cfg.mask_token_id, gen)
-    return loss_fn(cfg, w, noisy, tokens, positions, key_start, masked, weight)
+    noisy, masked, p = noise(tokens, P, cfg.mask_token_id, gen)
+    return loss_fn(cfg, w, noisy, tokens, positions, key_start, masked, p, P, all_rows)
 
 
 @torch.no_grad()
@@ -264,10 +271,13 @@ def parse_weights(text: str) -> dict[str, float]:
 
 
 def check_options(tc: TrainConfig) -> None:
-    """ValueError with what is wrong for a bad --task-weights, --tokenizer, --amp, --compile or --save-dtype."""
+    """ValueError with what is wrong for a bad --task-weights, --tokenizer, --task-set, --amp, --compile or
+    --save-dtype."""
     parse_weights(tc.task_weights)
     if tc.tokenizer not in ("chars", "words"):
         raise ValueError(f"--tokenizer {tc.tokenizer!r}: expected chars or words")
+    if tc.task_set not in tasks.TASK_SETS:
+        raise ValueError(f"--task-set {tc.task_set!r}: expected one of {', '.join(map(str, tasks.TASK_SETS))}")
     if tc.amp not in ("bf16", "off"):
         raise ValueError(f"--amp {tc.amp!r}: expected bf16 or off")
     if tc.compile not in (0, 1):
@@ -277,8 +287,11 @@ def check_options(tc: TrainConfig) -> None:
 
 
 def params_of(w: ModelWeights) -> list[torch.Tensor]:
-    """The tensors themselves (dataclasses.astuple would deep-copy them, and the copies would be trained)."""
-    return [w.embed, w.ln_f, w.lm_head] + [getattr(l, f.name) for l in w.layers for f in dataclasses.fields(l)]
+    """The tensors themselves (dataclasses.astuple would deep-copy them, and the copies would be trained); a Linear's
+    dense() is its held fp32 tensor (init_weights and load_weights build them on the plain torch_nk layout)."""
+    return [w.embed, w.ln_f, w.lm_head.dense()] + [
+        getattr(l, f.name).dense() if isinstance(getattr(l, f.name), Linear) else getattr(l, f.name)
+        for l in w.layers for f in dataclasses.fields(l)]
 
 
 def model_config(tc: TrainConfig, ids: dict) -> LLaDAConfig:
@@ -293,8 +306,8 @@ def initial_weights(tc: TrainConfig, cfg: LLaDAConfig) -> ModelWeights:
     w = init_weights(cfg, seed=tc.seed, std=tc.init_std)
     w.embed.mul_(tc.embed_std)  # init_weights draws the embedding with std 1
     for l in w.layers:  # residual-branch outputs scaled down with depth (GPT-2 style) for a stable start
-        l.wo.mul_(1 / math.sqrt(2 * tc.n_layers))
-        l.w_down.mul_(1 / math.sqrt(2 * tc.n_layers))
+        l.wo.dense().mul_(1 / math.sqrt(2 * tc.n_layers))
+        l.w_down.dense().mul_(1 / math.sqrt(2 * tc.n_layers))
     return w
 
 
@@ -313,7 +326,7 @@ class Trainer:
                                       {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.95))
         words = tc.tokenizer == "words"
         reject = frozenset(build_tokenizer.word_tokens(words)) if words else frozenset()  # whole-word tokens
-        stream = tasks.TrainStream(tc.seed, parse_weights(tc.task_weights) or None, reject)
+        stream = tasks.TrainStream(tc.seed, parse_weights(tc.task_weights) or None, reject, tc.task_set)
         self.data = Batches(enc, stream, tc.seed + 1, tc.batch_size, tc.gen_lengths)
         self.gen = torch.Generator().manual_seed(tc.seed + 2)
         # dynamic=True: one graph for every prompt and response length (and one more above inductor's size limit
@@ -340,7 +353,8 @@ class Trainer:
             g["lr"] = lr
         G, batch = next(self.data)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.tc.amp == "bf16"):
-            loss = diffusion_loss(self.cfg, self.w, *batch, self.gen, loss_fn=self.loss_fn)
+            loss = diffusion_loss(self.cfg, self.w, *batch, self.gen, loss_fn=self.loss_fn,
+                                  all_rows=bool(self.tc.compile))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
@@ -471,7 +485,7 @@ def train(tc: TrainConfig, out: Path, log=print, command: str | None = None, ini
 
         if load_config(init_from) != cfg:
             raise ValueError(f"--init-from {init_from}: its config.json differs from the model asked for")
-        w = load_weights(init_from, cfg, "cpu", torch.float32)
+        w = load_weights(init_from, cfg, "cpu", torch.float32, path="torch_nk")
         log(f"initialised from {init_from}")
     else:
         w = initial_weights(tc, cfg)
@@ -528,11 +542,7 @@ def train(tc: TrainConfig, out: Path, log=print, command: str | None = None, ini
 def save(out: Path, cfg: LLaDAConfig, w: ModelWeights, ids: dict, tc: TrainConfig, step: int, clock: dict,
          ema: float | None) -> None:
     """config.json + model.safetensors + generation_config.json + training.json into out."""
-    final = ModelWeights(embed=w.embed.detach(),
-                         layers=[type(l)(**{f.name: getattr(l, f.name).detach() for f in dataclasses.fields(l)})
-                                 for l in w.layers],
-                         ln_f=w.ln_f.detach(), lm_head=w.lm_head.detach())
-    save_checkpoint(out, cfg, final, dtype=getattr(torch, tc.save_dtype))
+    save_checkpoint(out, cfg, w, dtype=getattr(torch, tc.save_dtype))  # to_hf_state_dict detaches every tensor
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": ids["bos_token_id"], "eos_token_id": ids["eos_token_id"], **GENERATION_DEFAULTS},
         indent=2) + "\n")

@@ -7,16 +7,12 @@ using namespace llada;
 using namespace llada::bind;
 
 void register_emu_confidence(py::module_& m) {
-  m.def("confidence", [](uintptr_t token, uintptr_t prob, uintptr_t logits, int64_t b_stride, int64_t n_stride,
-                         uintptr_t masked, int B, int N, int V, int dtype, float temperature, uint64_t seed,
-                         uint64_t offset, bool random_confidence, std::vector<int64_t> suppress_ids,
-                         std::vector<int64_t> zero_conf_ids) {
-    ConfidenceParams p = confidence_params(token, prob, logits, b_stride, n_stride, masked, B, N, V, dtype, temperature,
-                                           seed, offset, random_confidence, suppress_ids, zero_conf_ids);
+  def_confidence_params(m);
+  m.def("confidence", [](const ConfidenceParams& p) {
     py::gil_scoped_release nogil;
     if (p.B == 0 || p.N == 0) return;
     dispatch_confidence(p, [&](auto kernel, int threads) {
       emu::launch(kernel, confidence_grid(p), dim3(threads), 0, p);
     });
-  }, LLADA_CONFIDENCE_ARGS, "confidence_kernel under the SIMT emulator (host pointers; slow, for tests)");
+  }, py::arg("params"), "confidence_kernel under the SIMT emulator (host pointers; slow, for tests)");
 }

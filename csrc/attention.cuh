@@ -103,8 +103,10 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const Attention
   key_end = min(key_end, p.Lk);
 
   const T* q = static_cast<const T*>(p.q_ptr) + b * p.q_b_stride + h * p.q_h_stride;
-  const T* k = static_cast<const T*>(p.k_ptr) + b * p.k_b_stride + hkv * p.k_h_stride;
-  const T* v = static_cast<const T*>(p.v_ptr) + b * p.v_b_stride + hkv * p.v_h_stride;
+  // the k/v batch row of this q row (a slot of the persistent cache); ops.attention documents kv_rows in [0, R)
+  const int64_t kv_b = p.kv_rows_ptr ? p.kv_rows_ptr[b] : b;
+  const T* k = static_cast<const T*>(p.k_ptr) + kv_b * p.k_b_stride + hkv * p.k_h_stride;
+  const T* v = static_cast<const T*>(p.v_ptr) + kv_b * p.v_b_stride + hkv * p.v_h_stride;
   T* o = static_cast<T*>(p.o_ptr) + b * p.o_b_stride + h * p.o_h_stride;
   // this lane's two output rows (fragment rows g and g + 8 of the warp's 16)
   const int row_lo = m0 + warp * 16 + g, row_hi = row_lo + 8;

@@ -1,5 +1,6 @@
 // Philox4x32-10 counter-based RNG (Salmon et al., SC'11), identical on CPU, CUDA and in reference.py.
-// Stream layout: key = seed, counter = (column, row, offset_lo, offset_hi); one draw per (row, column).
+// Stream layout: key = seed, counter = (column, position, offset_lo, offset_hi): a request's draws depend only on its
+// seed, the answer position (low 32 bits) and its own step (offset), never on its batch row.
 #pragma once
 #include "common.h"
 
@@ -28,13 +29,14 @@ LLADA_HD PhiloxOut philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t
 
 // Uniform in the open interval (0, 1): the top 23 bits of the first word, centred. 23 and not 24 bits so that k + 0.5
 // is exact in fp32 and u never rounds to 1 (log(u) = 0 would make the Gumbel noise infinite).
-LLADA_HD float philox_uniform(uint64_t seed, uint64_t offset, uint32_t row, uint32_t col) {
-  PhiloxOut r = philox4x32_10(col, row, static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32),
+LLADA_HD float philox_uniform(uint64_t seed, uint64_t offset, uint32_t position, uint32_t col) {
+  PhiloxOut r = philox4x32_10(col, position, static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32),
                               static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
   return (static_cast<float>(r.x >> 9) + 0.5f) * (1.0f / 8388608.0f);
 }
 
-// Column used for the random-remasking confidence draw of a row (never a vocabulary id).
+// Column of the random-remasking confidence draw of a position (never a vocabulary id, so the same on every rank of a
+// vocabulary-sharded run).
 constexpr uint32_t kRandomConfidenceColumn = 0xFFFFFFFFu;
 
 }  // namespace llada

@@ -125,6 +125,80 @@ def run_benchmark(rt, prompts, modes, gen: dict, threshold: float = 0.9, repeat:
             "peak_rss_bytes": rss}
 
 
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    i = min(len(xs) - 1, max(0, int(round(q / 100 * (len(xs) - 1)))))
+    return xs[i]
+
+
+def run_arrivals(rt, prompts, options: dict, rate: float, seed: int = 0, log=print) -> dict:
+    """Requests arriving as a seeded Poisson process at `rate` per second, served twice from the same arrival
+    schedule: by the engine (each request joins at the next step after it arrives, continuous batching) and one
+    after another with generate() (a request starts when it has arrived and the previous one is done). Reports
+    requests/s and output tokens/s over the whole run (first arrival to last completion), latency p50/p99 (arrival
+    to completion) and whether both gave the same tokens."""
+    import random
+    import time as _time
+
+    rng = random.Random(seed)
+    arrivals, t = [], 0.0
+    for _ in prompts:
+        arrivals.append(t)
+        t += rng.expovariate(rate)
+    ids = [rt.encode_prompts(p)[0] for p in prompts]
+    gc = rt.make_config(options)
+    for p in ids[:2]:   # warm-up (workspace sizes, first-call costs) outside the timed runs
+        rt.generate(p, **options)
+
+    def summary(name, done_at, answers):
+        lat = [d - a for d, a in zip(done_at, arrivals)]
+        span = max(done_at) - arrivals[0]
+        tokens = sum(len(a) for a in answers)
+        row = dict(name=name, requests=len(ids), span_s=span, requests_per_s=len(ids) / span,
+                   output_tokens_per_s=tokens / span, output_tokens=tokens, latency_p50_s=_percentile(lat, 50),
+                   latency_p99_s=_percentile(lat, 99))
+        log(f"{name:<12}{row['requests_per_s']:>10.2f}{row['output_tokens_per_s']:>12.1f}{row['latency_p50_s']:>10.3f}"
+            f"{row['latency_p99_s']:>10.3f}{span:>9.2f}")
+        return row
+
+    log(f"# {len(ids)} requests, Poisson arrivals at {rate}/s (seed {seed}), options {options}")
+    log(f"{'serving':<12}{'req/s':>10}{'out tok/s':>12}{'p50 s':>10}{'p99 s':>10}{'span s':>9}")
+    # one after another
+    t0 = _time.perf_counter()
+    seq_done, seq_answers = [], []
+    for a, p in zip(arrivals, ids):
+        wait = a - (_time.perf_counter() - t0)
+        if wait > 0:
+            _time.sleep(wait)
+        seq_answers.append(rt.generate(p, **options).token_ids[0])
+        seq_done.append(_time.perf_counter() - t0)
+    sequential = summary("sequential", seq_done, seq_answers)
+    # the engine
+    t0 = _time.perf_counter()
+    reqs, done_at, nxt = [None] * len(ids), [0.0] * len(ids), 0
+    while nxt < len(ids) or any(not r.done for r in reqs if r is not None):
+        now = _time.perf_counter() - t0
+        while nxt < len(ids) and arrivals[nxt] <= now:
+            reqs[nxt] = rt.add(ids[nxt], gc)
+            nxt += 1
+        if not any(r is not None and not r.done for r in reqs):
+            _time.sleep(max(0.0, arrivals[nxt] - (_time.perf_counter() - t0)))
+            continue
+        rt.step()
+        now = _time.perf_counter() - t0
+        for i, r in enumerate(reqs):
+            if r is not None and r.done and not done_at[i]:
+                done_at[i] = now
+    eng_answers = [rt.tokenizer.cut_at_stop(r.answer) for r in reqs]
+    engine = summary("engine", done_at, eng_answers)
+    same = eng_answers == seq_answers
+    log(f"engine / sequential: {engine['requests_per_s'] / sequential['requests_per_s']:.2f}x requests/s; "
+        f"identical outputs: {same}")
+    return {"arrivals_s": arrivals, "rate": rate, "seed": seed, "options": options, "config": dataclasses.asdict(gc),
+            "sequential": sequential, "engine": engine, "identical": same,
+            "speedup": engine["requests_per_s"] / sequential["requests_per_s"]}
+
+
 def header(env: dict) -> str:
     lines = ["# " + "  ".join(f"{k}={v}" for k, v in env.items())]
     lines.append(f"{'mode':<18}{'tok/s':>9}{'NFE':>7}{'tok/fwd':>9}{'ms/step':>9}{'refresh ms':>12}{'step ms':>9}"
@@ -197,8 +271,15 @@ def main(argv=None, default_prompts=None, prog=None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--arrivals", type=int, default=None, metavar="N",
+                    help="serve N requests arriving over time (Poisson) with the engine vs one after another")
+    ap.add_argument("--rate", type=float, default=50.0, help="arrival rate per second with --arrivals")
+    ap.add_argument("--mode", default="exact", help=f"with --arrivals: the mode ({', '.join(MODE_OPTIONS)})")
+    ap.add_argument("--seed", type=int, default=0, help="arrival schedule seed with --arrivals")
     ap.add_argument("--json", default="bench_generate.json", help="where to write the JSON (default: %(default)s)")
     args = ap.parse_args(argv)
+    if args.arrivals is not None:
+        args.num_prompts = args.arrivals
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODE_OPTIONS]
     if bad:
@@ -219,8 +300,17 @@ def main(argv=None, default_prompts=None, prog=None) -> int:
             prompts = (default_prompts or example_prompts)(args.num_prompts)
         gen = dict(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
                    early_stop=args.early_stop)
-        out = run_benchmark(rt, prompts, modes, gen, threshold=args.threshold, repeat=args.repeat,
-                            warmup=args.warmup, cuda_graph=args.cuda_graph)
+        if args.arrivals is not None:
+            if args.mode not in MODE_OPTIONS:
+                ap.error(f"unknown --mode {args.mode!r}; choose from {', '.join(MODE_OPTIONS)}")
+            opts = {k: (args.threshold if v is True else v) for k, v in MODE_OPTIONS[args.mode].items()}
+            opts.update({k: v for k, v in gen.items() if v is not None})
+            out = run_arrivals(rt, [prompts[i % len(prompts)] for i in range(args.arrivals)], opts, args.rate,
+                               args.seed)
+            out["env"] = environment(rt, dict(arrivals=args.arrivals, rate=args.rate, mode=args.mode))
+        else:
+            out = run_benchmark(rt, prompts, modes, gen, threshold=args.threshold, repeat=args.repeat,
+                                warmup=args.warmup, cuda_graph=args.cuda_graph)
     out["command"] = " ".join([prog or sys.argv[0]] + (argv if argv is not None else sys.argv[1:]))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1, default=str) + "\n")

@@ -1,4 +1,4 @@
-"""KVCache: per-layer K/V buffers (post-RoPE keys) allocated once per call, written and read by model.forward."""
+"""KVCache: the engine's per-layer K/V buffers (post-RoPE keys) for every slot and column, kept for the process."""
 from __future__ import annotations
 
 import torch
@@ -7,38 +7,40 @@ from .config import LLaDAConfig
 
 
 class KVCache:
-    """K and V of every canvas position for every layer: (L, B, T, Hkv, D) each.
+    """K and V of every canvas column of every engine row, for every layer: (L, R, T, Hkv, D) each.
 
-    A forward over canvas columns [q_start, q_start + S) writes its fresh K/V there and attends over all T columns,
-    so the refresh (q_start = 0, S = T) rewrites everything, a prefix-mode step (q_start = block start, S = T - q_start)
-    rewrites the block and the suffix and reads the cached prefix, and a dual-mode step (S = block length) rewrites
-    only the block and reads the cached prefix and suffix.
+    Row r, column c holds the K/V that row's last forward over column c computed. A forward writes the fresh K/V
+    of its query window (flat index r * T + c) and then attends over its rows' columns [0, length): a refresh
+    rewrites the whole row, a prefix-mode step the block and the suffix, a dual-mode step only the block.
     """
 
-    def __init__(self, cfg: LLaDAConfig, batch: int, length: int, dtype: torch.dtype, device: torch.device):
-        shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
-        self.length = length
-        self.batch = batch
-        self.q_start = 0
+    def __init__(self, cfg: LLaDAConfig, rows: int, cols: int, dtype: torch.dtype, device: torch.device):
+        self.cfg, self.dtype, self.device = cfg, dtype, device
+        self.rows, self.cols = rows, cols
+        shape = (cfg.n_layers, rows, cols, cfg.n_kv_heads, cfg.head_dim)
+        # zeros, not empty: masked-out keys are multiplied by 0 in attention, and 0 * NaN garbage would be NaN
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     @property
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
-    def at(self, q_start: int) -> "KVCache":
-        """Sets where the next forward's fresh K/V go (canvas column of its first query); returns self."""
-        self.q_start = q_start
-        return self
+    def grow(self, rows: int, cols: int) -> None:
+        """At least rows x cols, keeping every row's contents at the same (row, column)."""
+        if rows <= self.rows and cols <= self.cols:
+            return
+        rows, cols = max(rows, self.rows), max(cols, self.cols)
+        old_k, old_v, r, c = self.k, self.v, self.rows, self.cols
+        self.__init__(self.cfg, rows, cols, self.dtype, self.device)
+        self.k[:, :r, :c] = old_k
+        self.v[:, :r, :c] = old_v
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stores fresh k, v (B, S, Hkv, D) at [q_start, q_start + S); returns the layer's full K, V (B, T, Hkv, D)."""
-        B, S = k.shape[0], k.shape[1]
-        end = self.q_start + S
-        if end > self.length or B > self.batch:
-            raise ValueError(f"KVCache: writing rows [{self.q_start}, {end}) of batch {B} into a cache of length "
-                             f"{self.length} and batch {self.batch}")
-        self.k[layer, :B, self.q_start:end] = k
-        self.v[layer, :B, self.q_start:end] = v
-        return self.k[layer, :B], self.v[layer, :B]
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's K, V: (R, T, Hkv, D) views."""
+        return self.k[i], self.v[i]
+
+    def flat(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's K, V as (R * T, Hkv, D) views, indexed by row * T + column."""
+        L, R, T, H, D = self.k.shape
+        return self.k[i].view(R * T, H, D), self.v[i].view(R * T, H, D)

@@ -93,7 +93,7 @@ def write_checkpoint(path: Path, seed: int = 0, shards: int = 1, chat: bool = Tr
     w = init_weights(cfg, seed=seed, std=0.05)
     g = torch.Generator().manual_seed(seed + 1)
     for text in ("<|endoftext|>", "<|eot_id|>"):
-        w.lm_head[special_id(vocab, text)] = torch.randn(cfg.d_model, generator=g) * eos_scale
+        w.lm_head.dense()[special_id(vocab, text)] = torch.randn(cfg.d_model, generator=g) * eos_scale
     save_checkpoint(path, cfg, w, shards=shards, dtype=dtype)
     (path / "tokenizer.json").write_text(json.dumps(tokenizer_json(vocab)))
     (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(chat, vocab), indent=1))

@@ -1,11 +1,14 @@
 """The llada-rt command through subprocesses: generate (argument, stdin, file, stream, json), chat, info, bench, help,
-and clear one-line errors with exit code 2 for bad input."""
+clear one-line errors with the documented exit codes for bad input, Ctrl-C at several moments, closed and non-UTF-8
+streams, and a chat session that outgrows the context."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -144,3 +147,132 @@ def test_bad_options():
 def test_console_script():
     r = subprocess.run(["llada-rt", "generate", REVERSE.prompt], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout == cli("generate", REVERSE.prompt).stdout, r.stderr
+
+
+# ---- no tracebacks: exit codes, Ctrl-C, closed or odd streams, and a chat that outgrows the context ----------------
+
+def test_help_lists_the_exit_codes():
+    r = cli("--help")
+    assert r.returncode == 0, r.stderr
+    for needle in ("exit codes", "0 done", "1 the checkpoint", "2 a bad argument", "130 interrupted", "141"):
+        assert needle in r.stdout, needle
+
+
+def _spawn(*args, stdin=subprocess.PIPE, stdout=subprocess.PIPE):
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    return subprocess.Popen([sys.executable, "-m", "llada_rt.cli", *args], stdin=stdin, stdout=stdout,
+                            stderr=subprocess.PIPE, cwd=tempfile.gettempdir(), env=env)
+
+
+# Delays after the start: importing torch (about 0.5 to 3 s here), loading the checkpoint, then waiting on stdin. A
+# signal within the interpreter's own start-up (the first ~0.1 s, before any llada_rt code runs) gets Python's
+# default handling, which llada_rt cannot change.
+@pytest.mark.parametrize("command,delay", [("chat", 0.5), ("chat", 1.5), ("generate", 1.0), ("chat", 8.0)])
+def test_ctrl_c_exits_130_quietly(command, delay):
+    p = _spawn(command)        # stdin stays open: generate waits for the prompt, chat for the first line
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    print(command, delay, p.returncode, repr(err[-400:]))
+    assert p.returncode == 130
+    assert b"Traceback" not in err and b"terminate called" not in err and err.strip() == b""
+
+
+def _with_fd_closed(fd: int, *args):
+    """The command run with file descriptor `fd` closed (as `cmd 0<&-` or `cmd 1>&-` in a shell)."""
+    return subprocess.run(["bash", "-c", f'exec "$@" {fd}<&-', "_", sys.executable, "-m", "llada_rt.cli", *args],
+                          capture_output=True, text=True, timeout=300, cwd=tempfile.gettempdir())
+
+
+def test_stdin_closed_or_at_eof():
+    assert_clean_error(cli("generate", stdin=""), 2, "the prompt is empty")                 # </dev/null
+    assert_clean_error(_with_fd_closed(0, "generate"), 2, "stdin is closed")
+    r = cli("chat", stdin="")                                                               # EOF at once: quits
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == "", (r.returncode, r.stderr)
+    assert_clean_error(_with_fd_closed(0, "chat"), 2, "stdin is closed")
+
+
+def test_stdout_closed():
+    r = _with_fd_closed(1, "info")
+    print(r.returncode, r.stderr)
+    assert r.returncode == 1 and "standard output is closed" in r.stderr and "Traceback" not in r.stderr
+    for args in (["info"], ["info", "--json"], ["--help"]):
+        p = _spawn(*args, stdin=subprocess.DEVNULL)
+        p.stdout.close()             # the reader went away (as `llada-rt info | true`)
+        err = p.stderr.read()
+        p.wait(timeout=120)
+        print(args, p.returncode, err)
+        assert p.returncode in ((141, 0) if args == ["--help"] else (141,)) and err == b"", (p.returncode, err)
+
+
+def test_prompt_that_is_not_utf8(tmp_path):
+    f = tmp_path / "latin1.txt"
+    f.write_bytes("Reverse the string: caf\u00e9".encode("latin-1"))
+    assert_clean_error(cli("generate", "--file", str(f)), 2, "--file", "latin1.txt", "not UTF-8", "byte 23", "0xe9")
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    r = subprocess.run([sys.executable, "-m", "llada_rt.cli", "generate"], input=b"caf\xe9", capture_output=True,
+                       timeout=300, cwd=tempfile.gettempdir(), env=env)
+    r.stderr = r.stderr.decode()
+    assert_clean_error(r, 2, "stdin", "not UTF-8", "byte 3")
+    # an argument that is not UTF-8 reaches Python as a lone surrogate: refused with its position
+    r = subprocess.run([sys.executable, "-m", "llada_rt.cli", "generate", b"ab\xff"], capture_output=True,
+                       timeout=300, cwd=tempfile.gettempdir(), env=env)
+    r.stderr = r.stderr.decode()
+    assert_clean_error(r, 2, "not valid Unicode", "position 2")
+
+
+@pytest.mark.parametrize("args,words", [
+    (("--device", "gpu0"), ("--device", "'gpu0'", "cpu, cuda or cuda:N")),
+    (("--threads", "0"), ("--threads", "'0'")),
+    (("--seed", "1.5"), ("--seed", "'1.5'")),
+    (("--temperature", "nan"), ("temperature", "finite")),
+    (("--cfg-scale", "inf"), ("cfg_scale", "finite")),
+    (("--seed", str(2**64)), ("seed", "[0, 2**63)")),
+    (("--block-length", "2048", "--gen-length", "2048"), ("block_length=2048", "limit of 1024")),
+])
+def test_bad_arguments_are_one_line_usage_errors(args, words, capsys):
+    """In-process (main() as the console script calls it): exit code 2 and one error line naming the option."""
+    from llada_rt import cli as cli_module
+
+    try:
+        rc = cli_module.main(["generate", "hi", *args])
+    except SystemExit as e:   # argparse's own usage errors
+        rc = e.code
+    err = capsys.readouterr().err
+    print(args, rc, err.strip().splitlines()[-1])
+    assert rc == 2 and "Traceback" not in err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1
+    assert all(w in err for w in words), words
+
+
+def test_chat_keeps_the_session_when_the_history_outgrows_the_context(tmp_path, monkeypatch, capsys):
+    """The oldest turns are left out with a notice, a turn too long even alone is refused, the session goes on, and
+    /reset starts over (through cmd_chat in-process, on a checkpoint with a 96-token context)."""
+    import io
+
+    from llada_rt import Runtime, cli as cli_module
+    from llada_rt.testing import SMALL_VOCAB, write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "ckpt", vocab=SMALL_VOCAB, max_sequence_length=96)
+    seen = []
+    chat = Runtime.chat
+
+    def recording_chat(self, messages, **options):
+        seen.append([m["content"] for m in messages])
+        return chat(self, messages, **options)
+
+    monkeypatch.setattr(Runtime, "chat", recording_chat)
+    lines = ["a" * 30, "b" * 30, "c" * 30, "x" * 120, "d" * 10, "/reset", "e" * 10]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+    rc = cli_module.main(["chat", "--model", str(ckpt), "--gen-length", "16", "--block-length", "16"])
+    out, err = capsys.readouterr()
+    print(rc, err, [len(s) for s in seen])
+    assert rc == 0
+    assert "outgrew the context" in err and "turn refused" in err and "does not fit" in err
+    assert "(conversation cleared)" in out
+    answers = [line for line in out.splitlines() if line != "(conversation cleared)"]
+    assert len(answers) == 5                    # a, b, c, d and e answered; x refused
+    users = [s[-1] for s in seen]
+    assert users == [lines[0], lines[1], lines[2], lines[3], lines[4], lines[6]]
+    assert seen[-1] == [lines[6]]                # after /reset: the new message alone
+    assert seen[4][0] != lines[0]                # by d, the oldest turns had been left out of the history kept

@@ -38,6 +38,7 @@ for _src in SOURCES:
     BUILDS[f"{_stem}_tsan"] = (_src, "thread", ())
     BUILDS[f"{_stem}_asan"] = (_src, "address,undefined", ())
 BUILDS["attention_race_tsan"] = ("test_attention.cpp", "thread", ("LLADA_PLANT_RACE",))
+BUILDS["linear_race_tsan"] = ("test_linear.cpp", "thread", ("LLADA_PLANT_RACE",))
 PROGRAMS = [_src[len("test_"):-len(".cpp")] for _src in SOURCES]
 SANITIZER_ENV = {
     "TSAN_OPTIONS": "halt_on_error=1 exitcode=66",
@@ -123,14 +124,15 @@ def test_sanitizers_clean(exe, name):
     assert r.returncode == 0
 
 
-def test_planted_race_is_reported(exe):
-    """attention.cuh built with LLADA_PLANT_RACE lacks the __syncthreads that protects a K/V buffer from the next
-    prefetch: TSAN must report the race, between the prefetch and the ldmatrix reads of attention.cuh."""
-    r = _run(exe["attention_race_tsan"], "quick")
-    race = [line for line in r.stderr.splitlines() if "data race" in line or "attention.cuh" in line]
+@pytest.mark.parametrize("kernel", ["attention", "linear"])
+def test_planted_race_is_reported(exe, kernel):
+    """attention.cuh / linear.cuh built with LLADA_PLANT_RACE lack the __syncthreads that protects a shared-memory
+    buffer from the next prefetch: TSAN must report the race, between the prefetch and the reads of that buffer."""
+    r = _run(exe[f"{kernel}_race_tsan"], "quick")
+    race = [line for line in r.stderr.splitlines() if "data race" in line or f"{kernel}.cuh" in line]
     print("\n".join(race[:12]))
     assert "WARNING: ThreadSanitizer: data race" in r.stderr, "TSAN missed the planted race"
-    assert "attention.cuh" in r.stderr
+    assert f"{kernel}.cuh" in r.stderr
     assert r.returncode != 0
 
 

@@ -7,8 +7,8 @@ import torch
 from llada_rt.testing import SMALL_VOCAB, write_checkpoint
 from llada_rt import Runtime
 from llada_rt.cache import KVCache
-from llada_rt.decoding import Decoder
-from llada_rt.model import forward
+from llada_rt.engine import Engine
+from llada_rt.model import ForwardBatch, forward, forward_batch
 
 MODES = [
     dict(mode="exact"), dict(mode="prefix"), dict(mode="dual"),
@@ -38,21 +38,28 @@ def _prompts(n, lengths, seed=0):
 @pytest.mark.parametrize("which", ["rt", "gqa_rt"])
 def test_cached_forward_equals_uncached(request, which):
     """The refresh writes K/V and gives the uncached logits; a prefix or dual step right after it (same canvas) reads
-    the cache and gives them again."""
+    the cache and gives them again. Rows of different lengths (keys [0, length) valid) sit in cache rows 2 and 0."""
     rt = request.getfixturevalue(which)
     cfg, w = rt.config, rt.weights
     B, T, start, end = 2, 40, 16, 24
+    lengths = torch.tensor([T, T - 3], dtype=torch.int32)
     tokens = torch.randint(0, 100, (B, T))
     tokens[:, start:] = cfg.mask_token_id
-    key_start = torch.tensor([0, 3], dtype=torch.int32)
-    positions = (torch.arange(T)[None] - key_start[:, None].long()).clamp(min=0)
-    ref = forward(cfg, w, tokens, positions, key_start, rows=slice(start, end))
-    cache = KVCache(cfg, B, T, w.dtype, w.device)
-    refresh = forward(cfg, w, tokens, positions, key_start, rows=slice(start, end), cache=cache.at(0))
-    prefix = forward(cfg, w, tokens[:, start:], positions[:, start:], key_start, rows=slice(0, end - start),
-                     cache=cache.at(start))
-    dual = forward(cfg, w, tokens[:, start:end], positions[:, start:end], key_start, cache=cache.at(start))
-    errs = {n: (x - ref).abs().max().item() for n, x in (("refresh", refresh), ("prefix", prefix), ("dual", dual))}
+    cols = torch.arange(T).expand(B, T)
+    ref = [forward(cfg, w, tokens[b:b + 1, :int(lengths[b])], rows=slice(start, end))[0] for b in range(B)]
+    cache = KVCache(cfg, 3, T, w.dtype, w.device)
+    kv_rows = torch.tensor([2, 0])
+
+    def cached(q0, q1):
+        S = q1 - q0
+        write = (kv_rows[:, None] * T + torch.arange(q0, q1)[None, :]).reshape(-1)
+        logit_rows = (torch.arange(B)[:, None] * S + torch.arange(start - q0, end - q0)[None, :]).reshape(-1)
+        fb = ForwardBatch(tokens[:, q0:q1], cols[:, q0:q1], key_end=lengths, logit_rows=logit_rows,
+                          write_index=write, kv_rows=kv_rows, cache_read=True)
+        return forward_batch(cfg, w, fb, cache=cache).view(B, end - start, -1)
+
+    got = {"refresh": cached(0, T), "prefix": cached(start, T), "dual": cached(start, end)}
+    errs = {n: max((x[b] - ref[b]).abs().max().item() for b in range(B)) for n, x in got.items()}
     print(which, errs)
     assert all(e < 1e-4 for e in errs.values())
 
@@ -167,37 +174,19 @@ def _no_host_sync():
 
 
 def test_no_host_sync_inside_a_step(rt, monkeypatch):
-    """Decoder._step (forward, confidence, remask) never reads device values back to the host. The CPU attention
-    implementation is exempt: it runs only on host tensors (the CUDA path passes the key ranges as device pointers)."""
-    from llada_rt import ops
-    real_step, real_attention_cpu = Decoder._step, ops._attention_cpu
+    """Engine._device_step (gathers, forward, confidence, remask, advance) never reads device values back to the host,
+    in any mode, with guidance, sampling and random remasking."""
+    real_step = Engine._device_step
     calls = {"steps": 0}
-    state = {}
 
     def checked_step(self, *args, **kwargs):
         calls["steps"] += 1
-        with _no_host_sync() as saved:
-            state["saved"] = saved
+        with _no_host_sync():
             return real_step(self, *args, **kwargs)
 
-    def attention_cpu_exempt(*args):
-        banned = {n: getattr(torch.Tensor, n) for n in _SYNCING}
-        getitem, nonzero = torch.Tensor.__getitem__, torch.nonzero
-        try:
-            for n, f in state["saved"].items():
-                setattr(torch.Tensor, n, f)
-            torch.Tensor.__getitem__ = torch._C.TensorBase.__getitem__
-            torch.nonzero = torch._C._VariableFunctions.nonzero
-            return real_attention_cpu(*args)
-        finally:
-            for n, f in banned.items():
-                setattr(torch.Tensor, n, f)
-            torch.Tensor.__getitem__, torch.nonzero = getitem, nonzero
-
-    monkeypatch.setattr(Decoder, "_step", checked_step)
-    monkeypatch.setattr(ops, "_attention_cpu", attention_cpu_exempt)
+    monkeypatch.setattr(Engine, "_device_step", checked_step)
     for opts in MODES:
-        rt.generate(_prompts(2, [5, 9]), gen_length=16, block_length=8, steps=16, **opts)
+        rt.generate(_prompts(2, [5, 9]), gen_length=16, block_length=8, steps=16, early_stop=True, **opts)
     rt.generate("Hi", gen_length=16, block_length=8, cfg_scale=1.0)
     rt.generate("Hi", gen_length=16, block_length=8, temperature=0.8, remasking="random")
     print("steps checked:", calls["steps"])
@@ -222,25 +211,30 @@ def test_parallel_decoding_commits_at_least_one_and_threshold_one_is_greedy(rt):
 @pytest.mark.parametrize("opts,match", [
     ({"threshold": 1.5}, "threshold must be in"),
     ({"threshold": 0.9, "factor": 1.0}, "not both"),
-    ({"factor": 0.0}, "factor must be > 0"),
+    ({"factor": 0.0}, r"factor must be > 0 \(a finite number\)"),
     ({"mode": "dual", "cfg_scale": 1.0}, "cfg_scale > 0 runs only in mode='exact'"),
     ({"threshold": 0.9, "remasking": "random"}, "remasking='low_confidence'"),
-    ({"cuda_graph": True, "temperature": 0.5}, "cuda_graph=True needs temperature=0"),
+    ({"cuda_graph": True}, "cuda_graph=True needs a CUDA device"),
+    ({"steps": 32}, "more than gen_length"),
 ])
 def test_fast_mode_setting_errors(rt, opts, match):
-    from llada_rt.decoding import GenerationConfigError
+    from llada_rt.generation_config import GenerationConfigError
     with pytest.raises(GenerationConfigError, match=match):
         rt.generate("Hi", gen_length=16, block_length=8, **opts)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("opts", [dict(mode="exact"), dict(mode="prefix"), dict(mode="dual", threshold=0.3)])
+@pytest.mark.parametrize("opts", [dict(mode="exact"), dict(mode="prefix"), dict(mode="dual", threshold=0.3),
+                                  dict(mode="dual", temperature=0.7, seed=3), dict(mode="exact", cfg_scale=1.0)])
 def test_cuda_graph_replay_gives_the_same_tokens(rt, opts):
+    """Graphs are captured once per shape and replayed for every block of every call (0 captures on a second call)."""
     gpu = Runtime(rt.path, device="cuda", dtype=torch.bfloat16)
     prompts = _prompts(2, [7, 12], seed=8)
     gen = dict(gen_length=32, block_length=8, steps=32, **opts)
     plain = gpu.generate(prompts, **gen)
     graphed = gpu.generate(prompts, cuda_graph=True, **gen)
-    print(opts, "nfe", plain.nfe, graphed.nfe)
+    again = gpu.generate(prompts, cuda_graph=True, **gen)
+    print(opts, "nfe", plain.nfe, graphed.nfe, "captures", graphed.graph_captures, again.graph_captures)
     assert torch.equal(plain.canvas, graphed.canvas) and plain.nfe == graphed.nfe
+    assert torch.equal(plain.canvas, again.canvas) and again.graph_captures == 0 < graphed.graph_captures

@@ -6,7 +6,7 @@ from llada_rt.testing import write_checkpoint
 from llada_oracle import PlainLLaDA, official_generate
 from llada_rt import Runtime
 from llada_rt import reference
-from llada_rt.decoding import GenerationConfigError
+from llada_rt.generation_config import GenerationConfigError
 from conftest import requires_cuda
 
 
@@ -21,16 +21,16 @@ def runtimes(ckpts):
             for seed, p in ckpts.items()}
 
 
-def philox_draws(seed, block_length):
-    """The runtime's random stream, laid out as the official loop consumes it (block rows only matter)."""
+def philox_draws(seed, prompt_len):
+    """The runtime's random stream, laid out as the official loop consumes it (block rows only matter): keyed by the
+    request's seed, the answer position and the request's own step count (nfe - 1), the same for every batch row."""
     def uniform(nfe, kind, bs, be, shape):
-        B, L = shape[0], shape[1]
-        rows = (torch.arange(B)[:, None] * block_length + torch.arange(be - bs)[None, :])   # (B, N)
+        pos = torch.arange(bs - prompt_len, be - prompt_len)                                # (N,) answer positions
         out = torch.full(tuple(shape), 0.5, dtype=torch.float32)
         if kind == "gumbel":
-            out[:, bs:be] = reference.philox_uniform(seed, nfe, rows[..., None], torch.arange(shape[2]))
+            out[:, bs:be] = reference.philox_uniform(seed, nfe - 1, pos[:, None], torch.arange(shape[2]))
         else:
-            out[:, bs:be] = reference.philox_uniform(seed, nfe, rows, reference.RANDOM_CONFIDENCE_COLUMN)
+            out[:, bs:be] = reference.philox_uniform(seed, nfe - 1, pos, reference.RANDOM_CONFIDENCE_COLUMN)
         return out
     return uniform
 
@@ -78,7 +78,7 @@ def test_exact_mode_matches_official_loop(runtimes, case):
         remasking=opts.get("remasking", "low_confidence"), mask_id=rt.config.mask_token_id, eos_id=eos_id,
         eot_id=eot_id, logits_eos_inf=opts.get("logits_eos_inf", False),
         confidence_eos_eot_inf=opts.get("confidence_eos_eot_inf", False),
-        uniform=philox_draws(opts.get("seed", 0), N))
+        uniform=philox_draws(opts.get("seed", 0), P))
     diff = (got.canvas != want).sum().item()
     print(f"case {case}: {diff} of {want.numel()} canvas tokens differ; nfe {got.nfe} vs {nfe}; "
           f"EOS/EOT in answer: {int(((want == eos_id) | (want == eot_id))[:, P:].sum())}")
@@ -115,7 +115,7 @@ def test_text_results(runtimes):
     ({"gen_length": 32, "block_length": 8, "steps": 6}, "not divisible by the number of blocks"),
     ({"gen_length": 608}, "beyond the model's max_sequence_length of 512"),
     ({"remasking": "lowest"}, "remasking='lowest' is unknown"),
-    ({"temperature": -1.0}, "temperature must be >= 0"),
+    ({"temperature": -1.0}, "temperature must be a finite number >= 0"),
     ({"gen_length": 0}, "gen_length must be a positive integer"),
     ({"block_len": 8}, "unknown generation option"),
     ({"mode": "turbo"}, "mode='turbo' is unknown"),

@@ -1,14 +1,17 @@
-"""config.json, safetensors and tokenizer loading: the happy paths and every error a user can hit."""
+"""config.json, safetensors and tokenizer loading: the happy paths, what the load-time checks must still accept, and
+the errors a user hits most (the full table of bad inputs is tests/test_errors.py)."""
 import json
 import shutil
+import struct
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from llada_rt.testing import BOS, EOS, EOT, MASK, write_checkpoint
-from llada_rt.config import ConfigError, LLaDAConfig, load_config
+from llada_rt.config import ConfigError, LLaDAConfig, load_config, load_generation_config
 from llada_rt.tokenizer import Tokenizer, TokenizerError
-from llada_rt.weights import CheckpointError, expected_shapes, load_weights
+from llada_rt.weights import CheckpointError, expected_shapes, load_weights, read_header
 
 
 def _copy(src, tmp_path):
@@ -74,9 +77,9 @@ def test_weights_load_single_and_sharded(fixture, request):
         ref.update(load_file(str(f)))
     assert set(ref) == set(expected_shapes(cfg))
     q = ref["model.transformer.blocks.1.q_proj.weight"].to(torch.bfloat16)
-    assert torch.equal(w.layers[1].wqkv[: q.shape[0]], q)
+    assert torch.equal(w.layers[1].wqkv.dense()[: q.shape[0]], q)
     up = ref["model.transformer.blocks.0.up_proj.weight"].to(torch.bfloat16)
-    assert torch.equal(w.layers[0].w_gate_up[cfg.mlp_hidden_size:], up)
+    assert torch.equal(w.layers[0].w_gate_up.dense()[cfg.mlp_hidden_size:], up)
     assert w.dtype == torch.bfloat16 and w.num_parameters() == sum(t.numel() for t in ref.values())
 
 
@@ -166,3 +169,78 @@ def test_tokenizer_errors(tmp_path, tiny_ckpt):
     shutil.copy(tiny_ckpt / "tokenizer.json", tmp_path / "tokenizer.json")
     with pytest.raises(TokenizerError, match="config.json says mask_token_id=5"):
         Tokenizer(tmp_path, mask_id=5)
+
+
+def test_config_accepts_json_integers_and_nulls(tiny_ckpt, tmp_path):
+    """What the checks must not reject: an integer rope_theta, null for optional keys (their defaults)."""
+    d = json.loads((tiny_ckpt / "config.json").read_text())
+    d.update(rope_theta=500000, rms_norm_eps=None, weight_tying=None, embedding_size=None, pad_token_id=None,
+             n_kv_heads=None, multi_query_attention=None)
+    cfg = LLaDAConfig.from_dict(d)
+    print(cfg)
+    assert cfg.rope_theta == 500000.0 and type(cfg.rope_theta) is float and cfg.rms_norm_eps == 1e-5
+    assert (cfg.weight_tying, cfg.embedding_size, cfg.pad_token_id, cfg.n_kv_heads) == (False, cfg.vocab_size,
+                                                                                       EOS, cfg.n_heads)
+
+
+def test_check_finite_false_loads_non_finite_weights(tiny_ckpt, tmp_path):
+    ckpt = _copy(tiny_ckpt, tmp_path)
+    _rewrite(ckpt, lambda sd: sd["model.transformer.blocks.0.attn_out.weight"].view(-1).__setitem__(7, float("nan")))
+    with pytest.raises(CheckpointError, match=r"blocks\.0\.attn_out\.weight has 1 NaN"):
+        load_weights(ckpt, load_config(ckpt))
+    w = load_weights(ckpt, load_config(ckpt), check_finite=False)
+    wo = w.layers[0].wo.dense()
+    print(wo.reshape(-1)[:8])
+    assert torch.isnan(wo).sum() == 1
+
+
+def test_header_metadata_null_and_zero_size_tensors(tmp_path):
+    """Headers the safetensors library opens: __metadata__ null, a zero-size tensor, entries in any order."""
+    header = {"b": {"dtype": "BF16", "shape": [3], "data_offsets": [8, 14]}, "__metadata__": None,
+              "z": {"dtype": "F32", "shape": [0, 5], "data_offsets": [8, 8]},
+              "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    raw = json.dumps(header).encode()
+    f = tmp_path / "x.safetensors"
+    f.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(14))
+    got = read_header(f)
+    with safe_open(str(f), framework="pt") as lib:
+        print(got, list(lib.keys()))
+        assert sorted(lib.keys()) == sorted(k for k in got if k != "__metadata__")
+
+
+def test_base_tokenizer_without_chat_tokens_loads(tiny_ckpt_sharded, tmp_path):
+    """Without a chat template, a tokenizer lacking <|eot_id|> and the header tokens is fine (a Base model)."""
+    ckpt = _copy(tiny_ckpt_sharded, tmp_path)
+    d = json.loads((ckpt / "tokenizer.json").read_text())
+    drop = {"<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"}
+    d["added_tokens"] = [t for t in d["added_tokens"] if t["content"] not in drop]
+    for t in drop:
+        del d["model"]["vocab"][t]
+    (ckpt / "tokenizer.json").write_text(json.dumps(d))
+    cfg = json.loads((ckpt / "tokenizer_config.json").read_text())
+    cfg["added_tokens_decoder"] = {k: v for k, v in cfg["added_tokens_decoder"].items() if v["content"] not in drop}
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = Tokenizer(ckpt)
+    print(tok.stop_ids)
+    assert not tok.is_chat and tok.eot_id is None and tok.stop_ids == [EOS]
+
+
+def test_chat_template_list_uses_default(tiny_ckpt, tmp_path):
+    ckpt = _copy(tiny_ckpt, tmp_path)
+    cfg = json.loads((ckpt / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = [{"name": "tool_use", "template": "unused"}, {"name": "default",
+                                                                        "template": cfg["chat_template"]}]
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = Tokenizer(ckpt)
+    assert tok.render_chat([{"role": "user", "content": "Hi!"}]) == Tokenizer(tiny_ckpt).render_chat(
+        [{"role": "user", "content": "Hi!"}])
+
+
+def test_load_generation_config(tiny_ckpt, tmp_path):
+    got = load_generation_config(tiny_ckpt, vocab_size=load_config(tiny_ckpt).vocab_size)
+    print(got)
+    assert got == {"bos_token_id": BOS, "eos_token_id": EOS}
+    assert load_generation_config(tmp_path) == {}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [EOS, EOT], "pad_token_id": None,
+                                                                "gen_length": 64, "temperature": 0.0}))
+    assert load_generation_config(tmp_path)["eos_token_id"] == [EOS, EOT]

@@ -23,6 +23,44 @@ def train():
     return tasks.train_examples(20000, seed=1)
 
 
+@pytest.fixture(scope="module")
+def train2():
+    """Task set 2: the extra fact phrasings and the lead-ins."""
+    return tasks.train_examples(20000, seed=1, task_set=2)
+
+
+# sha256 of the first 2000 examples of main's tasks.train_stream(1) (uniform) and of
+# train_stream(1, {"add": 2, "capital": 1, "reverse": 1}), at main ff76f5e (the shipped model's stream)
+MAIN_STREAM_SHA256 = {None: "966dbba0aed401f02de724e8f2ab2b1b4d56390789bee27c0c45e5f4dc0ad006",
+                      "add=2,capital=1,reverse=1": "d4a8f24cdaf3a0ca4c59d69cac2b9b0a0609bc6090b78fe473e880b596fdb2ca"}
+
+
+def _digest(examples) -> str:
+    import hashlib
+    import json
+
+    blob = json.dumps([[e.task, e.prompt, e.answer, list(e.key)] for e in examples], ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("weights", list(MAIN_STREAM_SHA256))
+def test_default_stream_is_mains(weights):
+    """Task set 1 (the default) is the stream main's train_stream drew, example for example: the shipped model's
+    recipe is unchanged by task set 2."""
+    w = {k: float(v) for k, v in (kv.split("=") for kv in weights.split(","))} if weights else None
+    stream = tasks.TrainStream(1, w)
+    digest = _digest([next(stream) for _ in range(2000)])
+    print(weights, digest)
+    assert digest == MAIN_STREAM_SHA256[weights]
+    stream2 = tasks.TrainStream(1, w, task_set=2)
+    assert _digest([next(stream2) for _ in range(2000)]) != digest
+
+
+def test_task_set_is_checked():
+    with pytest.raises(ValueError, match="task set 3"):
+        tasks.TrainStream(1, task_set=3)
+
+
 def test_heldout_is_fixed_and_sized(heldout):
     assert heldout == tasks.heldout_set()
     counts = Counter(e.task for e in heldout)
@@ -45,9 +83,10 @@ def test_heldout_set_is_exactly_the_original_one(heldout):
     assert digest == HELDOUT_SHA256
 
 
-def test_no_heldout_phrasing_or_heldout_only_word_in_training(heldout, train):
-    """Fact questions of training never use a held-out phrasing (with or without a lead-in) nor a word that only the
-    held-out phrasings have; those words are really in every held-out fact question's phrasing set."""
+def test_no_heldout_phrasing_or_heldout_only_word_in_training(heldout, train, train2):
+    """Fact questions of training (both task sets) never use a held-out phrasing (with or without a lead-in) nor a
+    word that only the held-out phrasings have; those words are really in every held-out fact question's phrasing
+    set."""
     import re
 
     patterns = [re.compile(".*" + re.escape(t).replace(re.escape("{x}"), ".+")) for task in ("capital", "country")
@@ -55,8 +94,8 @@ def test_no_heldout_phrasing_or_heldout_only_word_in_training(heldout, train):
     held_words = {w.casefold() for t in ("capital", "country") for tpl in tasks._FACT_TEMPLATES[t]["heldout"]
                   for w in re.findall(r"[A-Za-z]+", tpl)}
     assert set(tasks.HELDOUT_ONLY_WORDS) <= held_words
-    facts = [e for e in train if e.task in ("capital", "country")]
-    assert len(facts) > 5000
+    facts = [e for e in train + train2 if e.task in ("capital", "country")]
+    assert len(facts) > 10000
     for e in facts:
         assert not any(p.fullmatch(e.prompt) for p in patterns), e
         words = {w.casefold() for w in re.findall(r"[A-Za-z]+", e.prompt.replace(e.key[1], " "))}
@@ -64,28 +103,30 @@ def test_no_heldout_phrasing_or_heldout_only_word_in_training(heldout, train):
     for e in heldout:
         if e.task in ("capital", "country"):
             assert any(p.fullmatch(e.prompt) for p in patterns)
-    train_words = {w.casefold() for t in ("capital", "country") for tpl in tasks._FACT_TEMPLATES[t]["train"]
-                   for w in re.findall(r"[A-Za-z]+", tpl)}
+    train_words = {w.casefold() for t in ("capital", "country") for which in ("train", "train_extra")
+                   for tpl in tasks._FACT_TEMPLATES[t][which] for w in re.findall(r"[A-Za-z]+", tpl)}
     lead_words = {w.casefold() for lead in tasks._LEAD_INS for w in re.findall(r"[A-Za-z]+", lead)}
     print("held-out-only words:", sorted(held_words - train_words - lead_words))
     assert held_words - train_words - lead_words == set(tasks.HELDOUT_ONLY_WORDS)
 
 
-def test_lead_ins_only_on_fact_questions(train):
-    with_lead = [e for e in train if e.prompt.startswith(tasks._LEAD_INS)]
-    facts = [e for e in train if e.task in ("capital", "country")]
+def test_lead_ins_only_on_fact_questions_of_task_set_2(train, train2):
+    assert not [e for e in train if e.prompt.startswith(tasks._LEAD_INS)]
+    with_lead = [e for e in train2 if e.prompt.startswith(tasks._LEAD_INS)]
+    facts = [e for e in train2 if e.task in ("capital", "country")]
     print(f"{len(with_lead)} of {len(facts)} fact questions have a lead-in")
     assert all(e.task in ("capital", "country") for e in with_lead)
     assert abs(len(with_lead) / len(facts) - tasks.LEAD_IN_P) < 0.03
 
 
-def test_stream_state_restores_the_position():
-    a = tasks.TrainStream(7, {"add": 2, "capital": 1})
+@pytest.mark.parametrize("task_set", tasks.TASK_SETS)
+def test_stream_state_restores_the_position(task_set):
+    a = tasks.TrainStream(7, {"add": 2, "capital": 1}, task_set=task_set)
     for _ in range(123):
         next(a)
     state = a.getstate()
     want = [next(a) for _ in range(50)]
-    b = tasks.TrainStream(7, {"add": 2, "capital": 1})
+    b = tasks.TrainStream(7, {"add": 2, "capital": 1}, task_set=task_set)
     b.setstate(state)
     assert [next(b) for _ in range(50)] == want
 
@@ -258,7 +299,7 @@ def test_tokenizer_files_match_llada(tmp_path):
 
 def test_eval_rows_cover_modes_curve_and_early_stop():
     import eval_tasks
-    from llada_rt.decoding import MODES, GenerationConfig
+    from llada_rt.generation_config import MODES, GenerationConfig
 
     labels = [label for label, _ in eval_tasks.mode_rows()]
     print(labels)

@@ -84,6 +84,20 @@ def test_script_quick_mode(tmp_path):
     assert "saved" in r.stdout and (tmp_path / "q" / "model.safetensors").is_file()
 
 
+def test_defaults_are_the_shipped_models_recipe():
+    """No options trains the recipe recorded in the shipped model's training.json: same hyperparameters, fp32 eager
+    steps, task set 1 (main's stream, tests/test_tasks.py), fp32 checkpoint."""
+    shipped = json.loads((ROOT / "llada_rt" / "models" / "small" / "training.json").read_text())["train_config"]
+    defaults = dataclasses.asdict(train_small.TrainConfig())
+    diff = {k: (v, defaults.get(k)) for k, v in shipped.items() if json.loads(json.dumps(defaults.get(k))) != v}
+    print("shipped vs default, differing:", diff)
+    assert not diff
+    new = {k: defaults[k] for k in defaults if k not in shipped}
+    print("fields the shipped run did not have:", new)
+    assert new == {"amp": "off", "compile": 0, "state_every": 500, "task_weights": "", "tokenizer": "chars",
+                   "task_set": 1, "save_dtype": "float32"}
+
+
 def test_task_weights_option():
     assert train_small.parse_weights("add=3, reverse=1.5") == {"add": 3.0, "reverse": 1.5}
     assert train_small.parse_weights("") == {} and train_small.TrainConfig.task_weights == ""  # uniform
@@ -105,6 +119,7 @@ def test_word_tokenizer_option(tmp_path):
 def test_script_rejects_bad_options(tmp_path):
     for args, needle in ((["--task-weights", "add=x"], "task=weight"), (["--tokenizer", "bpe"], "chars or words"),
                          (["--amp", "fp16"], "bf16 or off"), (["--save-dtype", "int8"], "float32 or bfloat16"),
+                         (["--task-set", "3"], "--task-set 3: expected one of 1, 2"),
                          (["--state", str(ROOT / "llada_rt" / "s.pt")], "outside the package")):
         r = subprocess.run([sys.executable, str(ROOT / "bench" / "train_small.py"), "--quick", *args,
                             "--out", str(tmp_path / "q")], capture_output=True, text=True, timeout=600)
@@ -142,7 +157,7 @@ def resumed_equals_uninterrupted(tmp_path, **overrides):
 def test_resume_is_identical_to_an_uninterrupted_run(tmp_path):
     """Weights, AdamW moments, data stream (with a pool of batches half used), masking RNG and step all restored:
     stop at step 3 (pool of 4 batches), resume, and the losses and the saved weights equal one run's, bit for bit."""
-    resumed_equals_uninterrupted(tmp_path, gen_lengths=((16, 0.5), (32, 0.5)))
+    resumed_equals_uninterrupted(tmp_path, gen_lengths=((16, 0.5), (32, 0.5)), task_set=2)
 
 
 @pytest.mark.slow
@@ -256,9 +271,9 @@ def test_compiled_loss_and_gradients_equal_eager():
         for t in params:
             t.requires_grad_(True)
         got = {}
-        for name, fn in (("eager", train_small.masked_ce), ("compiled", compiled)):
+        for name, fn, all_rows in (("eager", train_small.masked_ce, False), ("compiled", compiled, True)):
             loss = train_small.diffusion_loss(cfg, w, tokens, positions, key_start, P,
-                                              torch.Generator().manual_seed(1), loss_fn=fn)
+                                              torch.Generator().manual_seed(1), loss_fn=fn, all_rows=all_rows)
             got[name] = (loss.item(), torch.autograd.grad(loss, params))
         (le, ge), (lc, gc) = got["eager"], got["compiled"]
         err = max((a - b).abs().max().item() for a, b in zip(ge, gc))

@@ -1,0 +1,390 @@
+// CPU linear on the blocked weight layouts of linear.h. Each thread takes a contiguous range of 64-column panels; a
+// panel is walked in K-chunks that stay in L2 while register tiles of up to 6 rows x 64 columns run over them, and the
+// next chunk is prefetched meanwhile. fp32: FMA on broadcast activations; bf16: AVX512-BF16 dot products of k-pairs;
+// int8: x quantized per row to int16, AVX512-VNNI int16 x int8 dot products summed exactly in int32, then both scales
+// in fp32 (measured faster than dequantising the weights to bf16 tiles at 1 to 64 rows, and more accurate).
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cpu/cpu_features.h"
+#include "linear.h"
+
+#pragma GCC diagnostic ignored "-Wpsabi"  // vector arguments of always-inline helpers never cross an ABI boundary
+
+#define LLADA_ALWAYS_INLINE inline __attribute__((always_inline))
+#define LLADA_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
+#define LLADA_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
+#define LLADA_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")))
+
+namespace llada {
+namespace {
+
+constexpr int kPanelBlocks = kLinearPanelN / kLinearBlockN;  // 4 accumulators per row of a tile
+constexpr int kTileRows = 6;       // 6 x 4 accumulators + 4 weight vectors + 1 broadcast: 29 of the 32 zmm registers
+constexpr int kChunkSteps = 1024;  // k (fp32) or k-pairs per chunk: 4 blocks x 1024 x 64 B = 256 KiB stays in L2
+constexpr int kStepElems = 16;     // fp32 elements per block and k-step (kBlockedF32)
+constexpr int kPairElems = 32;     // elements per block and k-pair (kBlockedBF16, kBlockedInt8)
+constexpr int kInt32Steps = 128;   // k-pairs per int32 sum: 128 x 2 x 32767 x 127 < 2^31, so it cannot overflow
+constexpr float kInt16Max = 32767.0f;
+
+inline int32_t load_pair(const uint16_t* p) { int32_t v; std::memcpy(&v, p, 4); return v; }
+
+// The 64-byte lines of the weight chunk this thread reads next (4 block ranges), prefetched into L2 a few per k-step
+// while the current chunk's row tiles run: the first tile of a chunk waits on memory and the others compute from
+// cache, so without this the memory would sit idle during most of a multi-tile chunk.
+struct Prefetch {
+  const char* base = nullptr;  // block 0 of the next chunk; null: nothing left to prefetch
+  int64_t block_stride = 0;    // bytes between blocks
+  int64_t block_lines = 0;     // lines per block in the chunk
+  int64_t next = 0;            // lines issued so far, over the 4 blocks
+  int per_step = 0;            // lines per k-step of a tile
+  LLADA_ALWAYS_INLINE void step() {
+    for (int i = 0; i < per_step && next < kPanelBlocks * block_lines; ++i, ++next) {
+      const int64_t j = next / block_lines, l = next % block_lines;
+      _mm_prefetch(base + j * block_stride + l * 64, _MM_HINT_T1);
+    }
+  }
+};
+
+// The next chunk after chunk s0 of `panel` among this thread's panels [.., panel_end): in the same panel, else the
+// first chunk of the next one; its lines spread over the k-steps of every row tile of M rows.
+inline Prefetch next_chunk(const char* w, int64_t elt, int64_t step_elems, int64_t steps, int64_t panel,
+                           int64_t panel_end, int64_t s0, int M) {
+  Prefetch pf;
+  const int64_t block_bytes = steps * step_elems * elt;
+  int64_t next_steps;
+  if (s0 + kChunkSteps < steps) {
+    pf.base = w + panel * kPanelBlocks * block_bytes + (s0 + kChunkSteps) * step_elems * elt;
+    next_steps = std::min<int64_t>(kChunkSteps, steps - s0 - kChunkSteps);
+  } else if (panel + 1 < panel_end) {
+    pf.base = w + (panel + 1) * kPanelBlocks * block_bytes;
+    next_steps = std::min<int64_t>(kChunkSteps, steps);
+  } else {
+    return pf;
+  }
+  pf.block_stride = block_bytes;
+  pf.block_lines = (next_steps * step_elems * elt + 63) / 64;
+  const int64_t tile_steps = static_cast<int64_t>((M + kTileRows - 1) / kTileRows) *
+                             std::min<int64_t>(kChunkSteps, steps - s0);
+  pf.per_step = static_cast<int>((kPanelBlocks * pf.block_lines + tile_steps - 1) / tile_steps);
+  return pf;
+}
+
+// The fp32 column sums of an R-row tile: from c (R x 64, row stride 64) or zero, and back into c.
+template <int R>
+LLADA_ALWAYS_INLINE LLADA_AVX512 void load_sums(__m512 (&acc)[R][kPanelBlocks], const float* c, bool accumulate) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < kPanelBlocks; ++j)
+      acc[r][j] = accumulate ? _mm512_loadu_ps(c + r * kLinearPanelN + 16 * j) : _mm512_setzero_ps();
+}
+template <int R>
+LLADA_ALWAYS_INLINE LLADA_AVX512 void store_sums(float* c, const __m512 (&acc)[R][kPanelBlocks]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < kPanelBlocks; ++j) _mm512_storeu_ps(c + r * kLinearPanelN + 16 * j, acc[r][j]);
+}
+
+// c (R x 64, row stride 64) = [c +] x (R rows, row stride ldx) . tile, over `steps` k-steps; the tile holds 4 blocks,
+// bs elements apart, each [steps][16] fp32.
+template <int R>
+LLADA_AVX512 void tile(float* c, bool accumulate, const float* x, int64_t ldx, const float* w, int64_t bs,
+                       int steps, Prefetch& pf) {
+  __m512 acc[R][kPanelBlocks];
+  load_sums<R>(acc, c, accumulate);
+  for (int s = 0; s < steps; ++s) {
+    pf.step();
+    const float* ws = w + static_cast<int64_t>(s) * kStepElems;
+    const __m512 w0 = _mm512_loadu_ps(ws), w1 = _mm512_loadu_ps(ws + bs), w2 = _mm512_loadu_ps(ws + 2 * bs),
+                 w3 = _mm512_loadu_ps(ws + 3 * bs);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 xb = _mm512_set1_ps(x[r * ldx + s]);
+      acc[r][0] = _mm512_fmadd_ps(xb, w0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(xb, w1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(xb, w2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(xb, w3, acc[r][3]);
+    }
+  }
+  store_sums<R>(c, acc);
+}
+
+// The bf16 twin of the fp32 tile: x rows are bf16 with an even number of elements, each block [steps][16][2] bf16; one
+// vdpbf16ps adds x[2s] w[2s] + x[2s+1] w[2s+1] to each of 16 column accumulators.
+template <int R>
+LLADA_AVX512_BF16 void tile(float* c, bool accumulate, const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t bs,
+                            int steps, Prefetch& pf) {
+  __m512 acc[R][kPanelBlocks];
+  load_sums<R>(acc, c, accumulate);
+  for (int s = 0; s < steps; ++s) {
+    pf.step();
+    const uint16_t* ws = w + static_cast<int64_t>(s) * kPairElems;
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(ws), w1 = (__m512bh)_mm512_loadu_si512(ws + bs),
+                   w2 = (__m512bh)_mm512_loadu_si512(ws + 2 * bs), w3 = (__m512bh)_mm512_loadu_si512(ws + 3 * bs);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(load_pair(x + r * ldx + 2 * s));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xb, w0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xb, w1);
+      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], xb, w2);
+      acc[r][3] = _mm512_dpbf16_ps(acc[r][3], xb, w3);
+    }
+  }
+  store_sums<R>(c, acc);
+}
+
+// The int8 twin: x rows are int16 (x quantized per row), each block [steps][16][2] int8, sign-extended to int16 as
+// loaded; one vpdpwssd adds x[2s] q[2s] + x[2s+1] q[2s+1] exactly to each of 16 int32 column sums. steps <=
+// kInt32Steps, so the sums cannot overflow; they are added to the fp32 c at the end.
+template <int R>
+LLADA_AVX512_VNNI void tile(float* c, bool accumulate, const int16_t* x, int64_t ldx, const int8_t* w, int64_t bs,
+                               int steps, Prefetch& pf) {
+  // int32 lanes as the builtin's own type: with __m512i (64-bit lanes) GCC 12 keeps these sums on the stack
+  __v16si acc[R][kPanelBlocks];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < kPanelBlocks; ++j) acc[r][j] = __v16si{};
+  for (int s = 0; s < steps; ++s) {
+    pf.step();
+    const int8_t* ws = w + static_cast<int64_t>(s) * kPairElems;
+    const __v16si w0 = (__v16si)_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws))),
+                  w1 = (__v16si)_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + bs))),
+                  w2 = (__v16si)_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + 2 * bs))),
+                  w3 = (__v16si)_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + 3 * bs)));
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, x + r * ldx + 2 * s, 4);
+      const __v16si xb = __v16si{} + pair;
+      acc[r][0] = __builtin_ia32_vpdpwssd_v16si(acc[r][0], xb, w0);
+      acc[r][1] = __builtin_ia32_vpdpwssd_v16si(acc[r][1], xb, w1);
+      acc[r][2] = __builtin_ia32_vpdpwssd_v16si(acc[r][2], xb, w2);
+      acc[r][3] = __builtin_ia32_vpdpwssd_v16si(acc[r][3], xb, w3);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int j = 0; j < kPanelBlocks; ++j) {
+      float* cp = c + r * kLinearPanelN + 16 * j;
+      const __m512 v = _mm512_cvtepi32_ps((__m512i)acc[r][j]);
+      _mm512_storeu_ps(cp, accumulate ? _mm512_add_ps(v, _mm512_loadu_ps(cp)) : v);
+    }
+  }
+}
+
+template <class Fn>
+void dispatch_rows(int rows, Fn&& fn) {
+  switch (rows) {
+    case 1: return fn(std::integral_constant<int, 1>{});
+    case 2: return fn(std::integral_constant<int, 2>{});
+    case 3: return fn(std::integral_constant<int, 3>{});
+    case 4: return fn(std::integral_constant<int, 4>{});
+    case 5: return fn(std::integral_constant<int, 5>{});
+    default: return fn(std::integral_constant<int, kTileRows>{});
+  }
+}
+
+// What every thread of one call shares.
+struct Job {
+  const LinearParams* p;
+  const void* x;     // kBlockedF32: fp32 x; kBlockedBF16: bf16 x, kBlockedInt8: int16 x, rows of an even length
+  int64_t ldx;       // elements
+  int64_t steps;     // k-steps of the layout: K (fp32) or ceil(K / 2)
+  const float* x_scale;  // kBlockedInt8: (M,) the per-row scales of the int16 x
+};
+
+// M rows split into ceil(M / 6) tiles of nearly equal height (32 rows: 6 6 5 5 5 5, not 6 6 6 6 6 2).
+template <class Fn>
+void for_row_tiles(int M, Fn&& fn) {
+  const int n = (M + kTileRows - 1) / kTileRows, base = M / n, extra = M % n;
+  for (int i = 0, r0 = 0; i < n; ++i) {
+    const int rows = base + (i < extra);
+    fn(r0, rows);
+    r0 += rows;
+  }
+}
+
+// fp32 -> bf16 bits, round to nearest even as torch rounds (NaN stays a quiet NaN), with AVX-512F alone.
+LLADA_AVX512 __m256i to_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+// The panel's columns of out from its sums c (M x 64), times x_scale[m] scale[n] when x_scale is given (int8), in
+// x_dtype; columns past N are not written.
+LLADA_AVX512 void store_panel(const LinearParams& p, int64_t panel, const float* c, const float* x_scale) {
+  for (int m = 0; m < p.M; ++m) {
+    for (int j = 0; j < kPanelBlocks; ++j) {
+      const int64_t n = panel * kLinearPanelN + 16 * j;
+      if (n >= p.N) break;
+      const __mmask16 mask = p.N - n >= 16 ? 0xffff : static_cast<__mmask16>((1u << (p.N - n)) - 1);
+      __m512 v = _mm512_loadu_ps(c + m * kLinearPanelN + 16 * j);
+      if (x_scale)
+        v = _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(x_scale[m])), _mm512_maskz_loadu_ps(mask, p.scale_ptr + n));
+      if (p.x_dtype == DType::kFloat32)
+        _mm512_mask_storeu_ps(static_cast<float*>(p.out_ptr) + m * p.out_stride + n, mask, v);
+      else
+        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p.out_ptr) + m * p.out_stride + n, mask, to_bf16(v));
+    }
+  }
+}
+
+// A layout as the panel loop sees it: element types of W and x, elements per block and k-step of W and of x, k-steps
+// per tile call (int8: the int32 sums are flushed every kInt32Steps); the tile kernel is the overload of tile<R> for
+// these pointer types, and int8 output is scaled.
+template <class W_, class X_, int kStepW_, int kStepX_, int kTileSteps_>
+struct Layout {
+  using W = W_;
+  using X = X_;
+  static constexpr int kStepW = kStepW_, kStepX = kStepX_, kTileSteps = kTileSteps_;
+  static constexpr bool kScaled = std::is_same<W, int8_t>::value;
+};
+using F32Layout = Layout<float, float, kStepElems, 1, kChunkSteps>;
+using BF16Layout = Layout<uint16_t, uint16_t, kPairElems, 2, kChunkSteps>;
+using Int8Layout = Layout<int8_t, int16_t, kPairElems, 2, kInt32Steps>;
+
+// One 64-column panel: its K-chunks in turn, each through every row tile (the next chunk prefetched meanwhile), then
+// the panel's columns of out.
+template <class L>
+void run_panel(const Job& job, int64_t panel, int64_t panel_end, float* c) {
+  const LinearParams& p = *job.p;
+  const typename L::X* x = static_cast<const typename L::X*>(job.x);
+  const int64_t bs = job.steps * L::kStepW;  // elements between the panel's blocks
+  const typename L::W* w_panel = static_cast<const typename L::W*>(p.w_ptr) + panel * kPanelBlocks * bs;
+  for (int64_t s0 = 0; s0 < job.steps; s0 += kChunkSteps) {
+    const int cs = static_cast<int>(std::min<int64_t>(kChunkSteps, job.steps - s0));
+    Prefetch pf = next_chunk(static_cast<const char*>(p.w_ptr), sizeof(typename L::W), L::kStepW, job.steps, panel,
+                             panel_end, s0, p.M);
+    for_row_tiles(p.M, [&](int r0, int rows) {
+      dispatch_rows(rows, [&](auto R) {
+        for (int i0 = 0; i0 < cs; i0 += L::kTileSteps) {
+          const int64_t s = s0 + i0;
+          tile<decltype(R)::value>(c + static_cast<int64_t>(r0) * kLinearPanelN, s > 0, x + r0 * job.ldx + L::kStepX * s,
+                                   job.ldx, w_panel + s * L::kStepW, bs, std::min(L::kTileSteps, cs - i0), pf);
+        }
+      });
+    });
+  }
+  store_panel(p, panel, c, L::kScaled ? job.x_scale : nullptr);
+}
+
+// 16 elements of an fp32 or bf16 row from k (masked past K) as fp32.
+LLADA_AVX512_VNNI __m512 load_x16(const void* src, DType dtype, int k, __mmask16 mask) {
+  if (dtype == DType::kFloat32) return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(src) + k);
+  const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(src) + k);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Row m of x quantized to int16: scale = max |x| / 32767, q = round(x / scale) (half to even); dst holds 2 K2 elements
+// (the last one zero when K is odd). An all-zero row gets scale 0.
+LLADA_AVX512_VNNI void x_row_to_int16(int16_t* dst, float* scale, const void* src, DType dtype, int K) {
+  __m512 amax = _mm512_setzero_ps();
+  for (int k = 0; k < K; k += 16) {
+    const __mmask16 mask = K - k >= 16 ? 0xffff : static_cast<__mmask16>((1u << (K - k)) - 1);
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(load_x16(src, dtype, k, mask)));
+  }
+  const float m = _mm512_reduce_max_ps(amax);
+  *scale = m / kInt16Max;
+  const __m512 inv = _mm512_set1_ps(m > 0.0f ? kInt16Max / m : 0.0f);
+  for (int k = 0; k < K; k += 16) {
+    const __mmask16 mask = K - k >= 16 ? 0xffff : static_cast<__mmask16>((1u << (K - k)) - 1);
+    const __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(load_x16(src, dtype, k, mask), inv),
+                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_mask_storeu_epi16(dst + k, mask, _mm512_cvtsepi32_epi16(q));
+  }
+  if (K % 2) dst[K] = 0;
+}
+
+// Row m of bf16 x copied into dst with a zero after an odd K (the pair kernels read k-pairs).
+void x_row_pad(uint16_t* dst, const void* src, int K) {
+  std::memcpy(dst, src, sizeof(uint16_t) * K);
+  if (K % 2) dst[K] = 0;
+}
+
+template <class T>
+T* grow(std::vector<T>& buf, size_t n) {
+  if (buf.size() < n) buf.resize(n);  // grows once per thread to the largest call, then never allocates again
+  return buf.data();
+}
+
+}  // namespace
+
+bool linear_cpu_supports(WeightLayout layout) {
+  const CpuFeatures& f = cpu_features();
+  const bool avx512 = f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx2 && f.fma;
+  switch (layout) {
+    case WeightLayout::kBlockedF32: return avx512;
+    case WeightLayout::kBlockedBF16: return avx512 && f.avx512bf16;
+    case WeightLayout::kBlockedInt8: return avx512 && f.avx512vnni;
+    default: return false;
+  }
+}
+
+void linear_cpu(const LinearParams& p) {
+  if (!linear_cpu_supports(p.layout))
+    throw std::invalid_argument("llada_rt linear: this CPU lacks the instructions of weight layout " +
+                                std::to_string(static_cast<int>(p.layout)) + " (AVX-512F; AVX-512 BF16 for bf16, "
+                                "AVX-512 VNNI for int8)");
+  if (p.layout == WeightLayout::kBlockedF32 && p.x_dtype != DType::kFloat32)
+    throw std::invalid_argument("llada_rt linear: the fp32 weight layout takes fp32 activations");
+  if (p.layout == WeightLayout::kBlockedBF16 && p.x_dtype != DType::kBFloat16)
+    throw std::invalid_argument("llada_rt linear: the bf16 weight layout takes bf16 activations");
+  if (p.layout == WeightLayout::kBlockedInt8 && p.x_dtype == DType::kFloat16)
+    throw std::invalid_argument("llada_rt linear: the int8 weight layout takes fp32 or bf16 activations");
+  if (p.layout == WeightLayout::kBlockedInt8 && p.scale_ptr == nullptr)
+    throw std::invalid_argument("llada_rt linear: the int8 weight layout needs its scales");
+  if (p.M <= 0 || p.N <= 0) return;
+  const int64_t panels = (p.N + kLinearPanelN - 1) / kLinearPanelN;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(p.n_threads, panels)));
+  const bool f32 = p.layout == WeightLayout::kBlockedF32, int8 = p.layout == WeightLayout::kBlockedInt8;
+  const int64_t K2 = (p.K + 1) / 2;
+  Job job{&p, p.x_ptr, p.x_stride, f32 ? p.K : K2, nullptr};
+  // the pair kernels read x in k-pairs: int8 quantizes x to int16 rows, bf16 pads odd-K rows with a zero
+  const bool copy_x = int8 || (!f32 && p.K % 2);
+  static thread_local std::vector<uint16_t> x_buf;
+  static thread_local std::vector<float> x_scale_buf;
+  if (copy_x) {
+    job.x = grow(x_buf, static_cast<size_t>(p.M) * 2 * K2);
+    job.ldx = 2 * K2;
+  }
+  if (int8) job.x_scale = grow(x_scale_buf, static_cast<size_t>(p.M));
+  const size_t elt = p.x_dtype == DType::kFloat32 ? 4 : 2;
+#pragma omp parallel num_threads(nt)
+  {
+    if (copy_x) {
+#pragma omp for schedule(static)
+      for (int m = 0; m < p.M; ++m) {
+        uint16_t* dst = const_cast<uint16_t*>(static_cast<const uint16_t*>(job.x)) + m * job.ldx;
+        const char* src = static_cast<const char*>(p.x_ptr) + m * p.x_stride * elt;
+        if (int8) x_row_to_int16(reinterpret_cast<int16_t*>(dst), const_cast<float*>(job.x_scale) + m, src, p.x_dtype, p.K);
+        else x_row_pad(dst, src, p.K);
+      }
+    }
+    static thread_local std::vector<float> c_buf;
+    float* c = grow(c_buf, static_cast<size_t>(p.M) * kLinearPanelN);
+    const int t = omp_get_thread_num(), n = omp_get_num_threads();
+    // contiguous panel ranges: each thread streams its own part of the weight
+    const int64_t first = panels * t / n, end = panels * (t + 1) / n;
+    for (int64_t panel = first; panel < end; ++panel) {
+      if (f32) run_panel<F32Layout>(job, panel, end, c);
+      else if (int8) run_panel<Int8Layout>(job, panel, end, c);
+      else run_panel<BF16Layout>(job, panel, end, c);
+    }
+  }
+}
+
+}  // namespace llada
