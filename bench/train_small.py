@@ -1,7 +1,7 @@
 """Trains the shipped small LLaDA model from scratch on the task suite with LLaDA's masked-diffusion SFT objective.
 
     python bench/train_small.py                      # the shipped model: writes llada_rt/models/small/
-    python bench/train_small.py --stop-at 20000      # only the first 20000 steps (same schedule), then:
+    python bench/train_small.py --stop-at 3000       # only the first 3000 steps (same schedule), then:
     python bench/train_small.py --resume             # continue from the saved training state, as if never stopped
     python bench/train_small.py --measure-speed 5    # steps/s and examples/s of the step variants, interleaved
     python bench/train_small.py --quick --out DIR    # a few steps of a tiny model (the test)
@@ -14,8 +14,9 @@ response length G, averaged over the batch. G is drawn per batch from GEN_LENGTH
 all-mask canvases of the runtime's default gen_length=128. The task mix is --task-weights; --tokenizer words trains
 with the word-level variant of the tokenizer (see build_tokenizer.py).
 
-The step: matmuls under bf16 autocast (AMX tiles on Sapphire Rapids; --amp off for fp32) and the loss, forward and
-backward, compiled by torch.compile with dynamic shapes (--compile 0 for eager); the weights and AdamW stay fp32.
+The step is fp32 and eager by default (the shipped model's arithmetic); --amp bf16 runs the matmuls under bf16
+autocast and --compile 1 the loss, forward and backward, through torch.compile with dynamic shapes; the weights and
+AdamW stay fp32 either way (--measure-speed compares the four).
 The training state (weights, AdamW moments, data stream and RNG positions, loss history, time used) goes to --state,
 outside the package, every --state-every steps, at --stop-at, and on SIGINT/SIGTERM (at the end of the current
 step); --resume continues from it to the same weights, bit for bit, as an uninterrupted run.
