@@ -210,7 +210,8 @@ def masked_ce(cfg: LLaDAConfig, w: ModelWeights, noisy, tokens, positions, key_s
     the step. False: the response rows only (the eager step, the shipped model's arithmetic)."""
     B, T = tokens.shape
     start = 0 if all_rows else P
-    logits = forward(cfg, w, noisy, positions, key_start, rows=slice(start, T), backend="torch")  # (B, T - start, V)
+    logits = forward(cfg, w, noisy, positions, key_start, rows=None if all_rows else slice(P, T),
+                     backend="torch")                                                   # (B, T - start, V)
     ce = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, start:].flatten(), reduction="none").view(B, -1)
     return ((ce * masked[:, start:]).sum(1) / p / (T - P)).mean()
 
