@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import build_tokenizer  # noqa: E402
 import tasks  # noqa: E402
 from llada_rt.config import LLaDAConfig  # noqa: E402
-from llada_rt.model import forward  # noqa: E402
+from llada_rt.model import ForwardBatch, RopeTable, forward, forward_batch  # noqa: E402
 from llada_rt.tokenizer import Tokenizer  # noqa: E402
 from llada_rt.linear import Linear  # noqa: E402
 from llada_rt.weights import ModelWeights, init_weights, save_checkpoint  # noqa: E402
@@ -77,7 +77,9 @@ class TrainConfig:
     seed: int = 1
     threads: int = 2  # float sums depend on the thread count: reproduce (or resume) a run with the same value
     amp: str = "off"  # "bf16": matmuls under bf16 autocast; "off": fp32 throughout (the shipped model)
-    compile: int = 0  # 1: the loss (forward + cross-entropy) through torch.compile; 0: eager (the shipped model)
+    # 1: the loss (forward + cross-entropy) through torch.compile; 0: eager (the shipped model). Compiled runs repeat
+    # (and resume) bit for bit only with threads=1: with 2 a resumed run's last weights differed in the last bits
+    compile: int = 0
     eval_every: int = 1500  # monitoring only (a minimal greedy sampler on a held-out prefix); 0 turns it off
     eval_per_task: int = 10
     stop_at: int = 0  # stop (and save) after this step, keeping the schedule of `steps`; 0: run all steps
@@ -201,26 +203,34 @@ def noise(tokens: torch.Tensor, P: int, mask_id: int, gen: torch.Generator):
     return torch.where(masked, mask_id, tokens), masked, p
 
 
-def masked_ce(cfg: LLaDAConfig, w: ModelWeights, noisy, tokens, positions, key_start, masked, p, P: int,
-              all_rows: bool = False) -> torch.Tensor:
-    """LLaDA SFT loss: CE on the masked positions / p, summed per row, / G, mean over rows.
+def masked_ce(cfg: LLaDAConfig, w: ModelWeights, noisy, tokens, positions, key_start, masked, p, G,
+              rows: slice | None, rope: RopeTable | None = None) -> torch.Tensor:
+    """LLaDA SFT loss: CE on the masked positions / p, summed per row, / G (the response length), mean over rows.
 
-    all_rows: the logits of every row, prompt included, for torch.compile: the slice at the prompt length P would
-    make it specialize on each P (a recompile per prompt length); the LM head on the prompt rows costs a few % of
-    the step. False: the response rows only (the eager step, the shipped model's arithmetic)."""
-    B, T = tokens.shape
-    start = 0 if all_rows else P
-    logits = forward(cfg, w, noisy, positions, key_start, rows=None if all_rows else slice(P, T),
-                     backend="torch")                                                   # (B, T - start, V)
-    ce = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, start:].flatten(), reduction="none").view(B, -1)
-    return ((ce * masked[:, start:]).sum(1) / p / (T - P)).mean()
+    rows: slice(P, T), the logits of the response rows only (the eager step: the shipped model's arithmetic), or None,
+    every row, prompt included, for torch.compile: a slice at the prompt length P would make it specialize on each P
+    (a recompile per length); the LM head on the prompt rows costs a few % of the step. For the same reason the
+    compiled step gets G as a 0-dim tensor, not an int, and a prebuilt RoPE table (rope; None: forward_batch builds
+    one for the largest position, an int read from the data that would break the graph and be specialized on: the
+    kernels run would then depend on which lengths came first, and a resumed run would not repeat them)."""
+    B = tokens.shape[0]
+    start = 0 if rows is None else rows.start
+    fb = ForwardBatch.full(noisy, positions, key_start, rows)
+    logits = forward_batch(cfg, w, fb, rope=rope, backend="torch")                # (B * (T - start), V)
+    ce = F.cross_entropy(logits.float(), tokens[:, start:].flatten(), reduction="none").view(B, -1)
+    return ((ce * masked[:, start:]).sum(1) / p / G).mean()
 
 
 def diffusion_loss(cfg: LLaDAConfig, w: ModelWeights, tokens, positions, key_start, P: int,
-                   gen: torch.Generator, loss_fn=masked_ce, all_rows: bool = False) -> torch.Tensor:
-    """LLaDA SFT loss on one batch: mask response positions with prob p per row, CE / p on them, / G, mean over rows."""
+                   gen: torch.Generator, loss_fn=masked_ce, rope: RopeTable | None = None) -> torch.Tensor:
+    """LLaDA SFT loss on one batch: mask response positions with prob p per row, CE / p on them, / G, mean over rows.
+    rope: a RoPE table of cfg.max_sequence_length positions, for the compiled loss_fn (masked_ce's form with every
+    row); None: the eager form."""
     noisy, masked, p = noise(tokens, P, cfg.mask_token_id, gen)
-    return loss_fn(cfg, w, noisy, tokens, positions, key_start, masked, p, P, all_rows)
+    T = tokens.shape[1]
+    if rope is not None:
+        return loss_fn(cfg, w, noisy, tokens, positions, key_start, masked, p, torch.tensor(T - P), None, rope)
+    return loss_fn(cfg, w, noisy, tokens, positions, key_start, masked, p, T - P, slice(P, T))
 
 
 @torch.no_grad()
@@ -333,8 +343,9 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(tc.seed + 2)
         # dynamic=True: one graph for every prompt and response length (and one more above inductor's size limit
         # for a plain reduction), not one per shape
-        self.loss_fn = masked_ce
+        self.loss_fn, self.rope = masked_ce, None
         if tc.compile:
+            self.rope = RopeTable.build(cfg, cfg.max_sequence_length, "cpu")
             from torch._inductor import config as inductor_config
 
             inductor_config.compile_threads = 1  # compile in this process: its CPU time is counted
@@ -355,8 +366,7 @@ class Trainer:
             g["lr"] = lr
         G, batch = next(self.data)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.tc.amp == "bf16"):
-            loss = diffusion_loss(self.cfg, self.w, *batch, self.gen, loss_fn=self.loss_fn,
-                                  all_rows=bool(self.tc.compile))
+            loss = diffusion_loss(self.cfg, self.w, *batch, self.gen, loss_fn=self.loss_fn, rope=self.rope)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
