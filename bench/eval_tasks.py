@@ -198,10 +198,13 @@ def main(argv=None) -> int:
         stages = t.get("stages") or [{"command": t.get("command") or "python bench/train_small.py",
                                       "steps": t.get("step"), "train_s": t.get("train_s", 0)}]
         total_min = sum(st["train_s"] for st in stages) / 60
-        train_info = (f"Trained from scratch in {len(stages)} stage(s), {total_min:.1f} min wall time in all on this "
-                      "project's 2-core CPU development machine: " +
-                      "; ".join(f"`{st['command']}` ({st['steps']} steps, {st['train_s'] / 60:.1f} min)"
-                                for st in stages) + ".")
+        cpu = f", {sum(st['cpu_s'] for st in stages) / 60:.1f} min process CPU time" if all(
+            "cpu_s" in st for st in stages) else ""
+        train_info = (f"Trained from scratch in {len(stages)} stage(s) (a resumed run adds one), {total_min:.1f} min "
+                      f"wall time{cpu} in all on this project's 2-core CPU development machine: " +
+                      "; ".join(f"`{st['command']}` ({st['steps']} steps, {st['train_s'] / 60:.1f} min" +
+                                (f", {st['cpu_s'] / 60:.1f} CPU-min)" if "cpu_s" in st else ")") for st in stages) +
+                      ".")
     md = "\n".join([
         "## Task suite: held-out accuracy of the shipped model",
         "",

@@ -18,7 +18,6 @@ import functools
 import random
 import re
 from pathlib import Path
-from typing import Iterator
 
 TASKS = ("reverse", "sort", "add", "capital", "country")
 HELDOUT_SEED = 20260101
@@ -37,14 +36,34 @@ _TEMPLATES = {
 _FACT_TEMPLATES = {
     "capital": {
         "train": ["What is the capital of {x}?", "Capital of {x}?", "Name the capital of {x}.", "{x}: capital?"],
+        # more training phrasings of task set 2 (entity at the start, middle, end); none uses a word that only the
+        # held-out phrasings use (HELDOUT_ONLY_WORDS), and none is a held-out phrasing
+        "train_extra": ["What's the capital of {x}?", "{x} has which capital?", "The capital of {x} is?",
+                        "Give the capital of {x}.", "What is {x}'s capital?", "In {x}, what is the capital?",
+                        "Say the capital of {x}.", "capital of {x}", "{x} - capital?", "Capital for {x}, please."],
         "heldout": ["Which city is the capital of {x}?", "Tell me the capital of {x}."],
     },
     "country": {
         "train": ["{x} is the capital of which country?", "Which country has the capital {x}?",
                   "{x}: country?", "Country with capital {x}?"],
+        "train_extra": ["What country has {x} as its capital?", "{x} is in which country?",
+                        "Name the country with the capital {x}.", "The capital {x} belongs to which country?",
+                        "{x} is the capital of what country?", "Give the country of {x}.",
+                        "Country of the capital {x}?", "{x} - country?", "For the capital {x}, name the country.",
+                        "country with capital {x}"],
         "heldout": ["Of which country is {x} the capital?", "Tell me the country whose capital is {x}."],
     },
 }
+# Words of the held-out phrasings that no training phrasing uses (test_tasks checks that training never does).
+HELDOUT_ONLY_WORDS = ("city", "tell", "me", "whose")
+# Lead-ins that task set 2 puts before a training fact question now and then, so that the model learns to ignore
+# extra words; they use no held-out word either.
+_LEAD_INS = ("Quick question: ", "Hi! ", "Please answer. ", "I have a question. ", "Hello, ", "Question: ",
+             "Help please: ", "One more: ")
+LEAD_IN_P = 0.25
+# Training task sets: 1 is the stream the shipped model was trained on (the "train" phrasings, no lead-ins); 2 adds
+# the "train_extra" phrasings and the lead-ins (an experiment; the word-level vocabulary stays set 1's).
+TASK_SETS = (1, 2)
 CAPITALS_TSV = Path(__file__).resolve().parent / "data" / "capitals.tsv"
 
 
@@ -139,35 +158,59 @@ def heldout_keys() -> set:
     return {e.key for e in heldout_set() if e.task in _MAKERS}
 
 
-def train_stream(seed: int, weights: dict[str, float] | None = None,
-                 reject_words: frozenset = frozenset()) -> Iterator[Example]:
-    """An endless seeded stream of training examples, never a held-out key. Tasks are drawn in proportion to
-    `weights` (task -> weight; uniform when None); strings to reverse are never one of `reject_words`."""
-    if seed == HELDOUT_SEED:
-        raise ValueError("the training seed must differ from HELDOUT_SEED")
-    if weights is not None:  # (None keeps the draw of rng.choice: the stream the shipped model was trained on)
-        if set(weights) - set(TASKS) or not any(weights.values()) or min(weights.values()) < 0:
-            raise ValueError(f"task weights {weights}: keys must be among {TASKS}, weights >= 0, not all 0")
-        names = [t for t in TASKS if weights.get(t, 0) > 0]
-        shares = [weights[t] for t in names]
-    makers = {**_MAKERS, "reverse": functools.partial(_reverse, reject=reject_words)}
-    rng = random.Random(seed)
-    banned = heldout_keys()
-    capitals = load_capitals()
-    while True:
-        task = rng.choice(TASKS) if weights is None else rng.choices(names, shares)[0]
-        if task in _MAKERS:
-            e = makers[task](rng, rng.choice(_TEMPLATES[task]))
-            if e.key in banned:
+class TrainStream:
+    """An endless seeded stream of training examples (an iterator), never a held-out key. Tasks are drawn in
+    proportion to `weights` (task -> weight; uniform when None); strings to reverse are never one of `reject_words`.
+    task_set 2 (TASK_SETS) adds the extra fact phrasings and gives fact questions a lead-in (_LEAD_INS) with
+    probability LEAD_IN_P. getstate()/setstate() save and restore the position in the stream (the only state is one
+    random.Random)."""
+
+    def __init__(self, seed: int, weights: dict[str, float] | None = None, reject_words: frozenset = frozenset(),
+                 task_set: int = 1):
+        if seed == HELDOUT_SEED:
+            raise ValueError("the training seed must differ from HELDOUT_SEED")
+        if task_set not in TASK_SETS:
+            raise ValueError(f"task set {task_set!r}: expected one of {TASK_SETS}")
+        if weights is not None:  # (None keeps the draw of rng.choice: the stream the shipped model was trained on)
+            if set(weights) - set(TASKS) or not any(weights.values()) or min(weights.values()) < 0:
+                raise ValueError(f"task weights {weights}: keys must be among {TASKS}, weights >= 0, not all 0")
+            self.names = [t for t in TASKS if weights.get(t, 0) > 0]
+            self.shares = [weights[t] for t in self.names]
+        self.weights, self.task_set = weights, task_set
+        self.fact_templates = {t: f["train"] + (f["train_extra"] if task_set >= 2 else [])
+                               for t, f in _FACT_TEMPLATES.items()}
+        self.makers = {**_MAKERS, "reverse": functools.partial(_reverse, reject=reject_words)}
+        self.rng = random.Random(seed)
+        self.banned = heldout_keys()
+        self.capitals = load_capitals()
+
+    def __iter__(self) -> "TrainStream":
+        return self
+
+    def __next__(self) -> Example:
+        rng = self.rng
+        while True:
+            task = rng.choice(TASKS) if self.weights is None else rng.choices(self.names, self.shares)[0]
+            if task in _MAKERS:
+                e = self.makers[task](rng, rng.choice(_TEMPLATES[task]))
+                if e.key not in self.banned:
+                    return e
                 continue
-        else:
-            country, capital = rng.choice(capitals)
-            e = _fact(task, country, capital, rng.choice(_FACT_TEMPLATES[task]["train"]))
-        yield e
+            country, capital = rng.choice(self.capitals)
+            e = _fact(task, country, capital, rng.choice(self.fact_templates[task]))
+            if self.task_set >= 2 and rng.random() < LEAD_IN_P:
+                e = dataclasses.replace(e, prompt=rng.choice(_LEAD_INS) + e.prompt)
+            return e
+
+    def getstate(self):
+        return self.rng.getstate()
+
+    def setstate(self, state) -> None:
+        self.rng.setstate(state)
 
 
-def train_examples(n: int, seed: int, weights: dict[str, float] | None = None) -> list[Example]:
-    stream = train_stream(seed, weights)
+def train_examples(n: int, seed: int, weights: dict[str, float] | None = None, task_set: int = 1) -> list[Example]:
+    stream = TrainStream(seed, weights, task_set=task_set)
     return [next(stream) for _ in range(n)]
 
 

@@ -23,12 +23,112 @@ def train():
     return tasks.train_examples(20000, seed=1)
 
 
+@pytest.fixture(scope="module")
+def train2():
+    """Task set 2: the extra fact phrasings and the lead-ins."""
+    return tasks.train_examples(20000, seed=1, task_set=2)
+
+
+# sha256 of the first 2000 examples of main's tasks.train_stream(1) (uniform) and of
+# train_stream(1, {"add": 2, "capital": 1, "reverse": 1}), at main ff76f5e (the shipped model's stream)
+MAIN_STREAM_SHA256 = {None: "966dbba0aed401f02de724e8f2ab2b1b4d56390789bee27c0c45e5f4dc0ad006",
+                      "add=2,capital=1,reverse=1": "d4a8f24cdaf3a0ca4c59d69cac2b9b0a0609bc6090b78fe473e880b596fdb2ca"}
+
+
+def _digest(examples) -> str:
+    import hashlib
+    import json
+
+    blob = json.dumps([[e.task, e.prompt, e.answer, list(e.key)] for e in examples], ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("weights", list(MAIN_STREAM_SHA256))
+def test_default_stream_is_mains(weights):
+    """Task set 1 (the default) is the stream main's train_stream drew, example for example: the shipped model's
+    recipe is unchanged by task set 2."""
+    w = {k: float(v) for k, v in (kv.split("=") for kv in weights.split(","))} if weights else None
+    stream = tasks.TrainStream(1, w)
+    digest = _digest([next(stream) for _ in range(2000)])
+    print(weights, digest)
+    assert digest == MAIN_STREAM_SHA256[weights]
+    stream2 = tasks.TrainStream(1, w, task_set=2)
+    assert _digest([next(stream2) for _ in range(2000)]) != digest
+
+
+def test_task_set_is_checked():
+    with pytest.raises(ValueError, match="task set 3"):
+        tasks.TrainStream(1, task_set=3)
+
+
 def test_heldout_is_fixed_and_sized(heldout):
     assert heldout == tasks.heldout_set()
     counts = Counter(e.task for e in heldout)
     n_facts = len(tasks.load_capitals())
     assert counts == {"reverse": 100, "sort": 100, "add": 100, "capital": n_facts, "country": n_facts}
     assert len({e.key for e in heldout}) == len(heldout)
+
+
+HELDOUT_SHA256 = "30957a09562280ca130d0a6a2dd549d8c308f8bf5c66c6a5f9f72a771eff0dd2"  # of main at 5b60699
+
+
+def test_heldout_set_is_exactly_the_original_one(heldout):
+    """Training-data changes must leave the held-out set as it was (the numbers in RESULTS.md are on this set)."""
+    import hashlib
+    import json
+
+    blob = json.dumps([[e.task, e.prompt, e.answer, list(e.key)] for e in heldout], ensure_ascii=False)
+    digest = hashlib.sha256(blob.encode()).hexdigest()
+    print(digest)
+    assert digest == HELDOUT_SHA256
+
+
+def test_no_heldout_phrasing_or_heldout_only_word_in_training(heldout, train, train2):
+    """Fact questions of training (both task sets) never use a held-out phrasing (with or without a lead-in) nor a
+    word that only the held-out phrasings have; those words are really in every held-out fact question's phrasing
+    set."""
+    import re
+
+    patterns = [re.compile(".*" + re.escape(t).replace(re.escape("{x}"), ".+")) for task in ("capital", "country")
+                for t in tasks._FACT_TEMPLATES[task]["heldout"]]
+    held_words = {w.casefold() for t in ("capital", "country") for tpl in tasks._FACT_TEMPLATES[t]["heldout"]
+                  for w in re.findall(r"[A-Za-z]+", tpl)}
+    assert set(tasks.HELDOUT_ONLY_WORDS) <= held_words
+    facts = [e for e in train + train2 if e.task in ("capital", "country")]
+    assert len(facts) > 10000
+    for e in facts:
+        assert not any(p.fullmatch(e.prompt) for p in patterns), e
+        words = {w.casefold() for w in re.findall(r"[A-Za-z]+", e.prompt.replace(e.key[1], " "))}
+        assert not words & set(tasks.HELDOUT_ONLY_WORDS), e
+    for e in heldout:
+        if e.task in ("capital", "country"):
+            assert any(p.fullmatch(e.prompt) for p in patterns)
+    train_words = {w.casefold() for t in ("capital", "country") for which in ("train", "train_extra")
+                   for tpl in tasks._FACT_TEMPLATES[t][which] for w in re.findall(r"[A-Za-z]+", tpl)}
+    lead_words = {w.casefold() for lead in tasks._LEAD_INS for w in re.findall(r"[A-Za-z]+", lead)}
+    print("held-out-only words:", sorted(held_words - train_words - lead_words))
+    assert held_words - train_words - lead_words == set(tasks.HELDOUT_ONLY_WORDS)
+
+
+def test_lead_ins_only_on_fact_questions_of_task_set_2(train, train2):
+    assert not [e for e in train if e.prompt.startswith(tasks._LEAD_INS)]
+    with_lead = [e for e in train2 if e.prompt.startswith(tasks._LEAD_INS)]
+    facts = [e for e in train2 if e.task in ("capital", "country")]
+    print(f"{len(with_lead)} of {len(facts)} fact questions have a lead-in")
+    assert all(e.task in ("capital", "country") for e in with_lead)
+    assert abs(len(with_lead) / len(facts) - tasks.LEAD_IN_P) < 0.03
+
+
+@pytest.mark.parametrize("task_set", tasks.TASK_SETS)
+def test_stream_state_restores_the_position(task_set):
+    a = tasks.TrainStream(7, {"add": 2, "capital": 1}, task_set=task_set)
+    for _ in range(123):
+        next(a)
+    state = a.getstate()
+    want = [next(a) for _ in range(50)]
+    b = tasks.TrainStream(7, {"add": 2, "capital": 1}, task_set=task_set)
+    b.setstate(state)
+    assert [next(b) for _ in range(50)] == want
 
 
 def test_smaller_heldout_is_a_prefix(heldout):
@@ -50,7 +150,7 @@ def test_train_and_heldout_are_disjoint(heldout, train):
 
 def test_addition_pairs_are_held_out_in_both_orders(heldout):
     pairs = {e.key for e in heldout if e.task == "add"}
-    stream = tasks.train_stream(seed=3)
+    stream = tasks.TrainStream(seed=3)
     for _ in range(5000):
         e = next(stream)
         if e.task == "add":
@@ -68,7 +168,7 @@ def test_training_stream_is_seeded(train):
     assert tasks.train_examples(50, seed=1) == train[:50]
     assert tasks.train_examples(50, seed=2) != train[:50]
     with pytest.raises(ValueError):
-        next(tasks.train_stream(tasks.HELDOUT_SEED))
+        next(tasks.TrainStream(tasks.HELDOUT_SEED))
 
 
 def test_answers_vary_and_fit(heldout, train):
@@ -135,7 +235,7 @@ def test_word_tokenizer_whole_words_are_tokens_and_other_text_characters(tmp_pat
     from tokenizers import Tokenizer
 
     build_tokenizer.write(tmp_path, words=True)
-    assert build_tokenizer.special_ids(tmp_path)["vocab_size"] == 256
+    assert build_tokenizer.special_ids(tmp_path)["vocab_size"] == -(-len(build_tokenizer.vocabulary(True)) // 128) * 128 > 128
     tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     words = tasks.vocabulary_words()
     assert {"Buenos Aires", "Argentina", "capital", "Reverse"} <= set(words)
@@ -162,14 +262,14 @@ def test_task_weights(train):
     assert tasks.train_examples(100, seed=1, weights={t: 1 for t in tasks.TASKS})[0].task in tasks.TASKS
     for bad in ({"nope": 1}, {"add": 0}, {"add": -1, "sort": 2}, {}):
         with pytest.raises(ValueError, match="weights"):
-            next(tasks.train_stream(1, bad))
+            next(tasks.TrainStream(1, bad))
 
 
 def test_rejected_words_are_never_strings_to_reverse():
     import itertools
 
     three = frozenset("".join(p) for p in itertools.product("abcdefghijklmnopqrstuvwxyz", repeat=3))
-    stream = tasks.train_stream(4, {"reverse": 1}, reject_words=three)
+    stream = tasks.TrainStream(4, {"reverse": 1}, reject_words=three)
     lengths = Counter(len(next(stream).key[1]) for _ in range(3000))
     print(lengths)
     assert 3 not in lengths and set(lengths) == set(range(4, tasks.REVERSE_LEN[1] + 1))

@@ -1,12 +1,17 @@
-"""bench/train_small.py --quick: the training code runs, the loss falls, runs are reproducible, the checkpoint loads."""
+"""bench/train_small.py --quick: the training code runs, the loss falls, runs are reproducible and resumable to the
+same weights, the checkpoint loads, the loss is LLaDA's, the bf16 and compiled steps compute it."""
+import dataclasses
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -17,7 +22,8 @@ import train_small  # noqa: E402
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quick") / "ckpt"
-    res = train_small.train(train_small.TrainConfig(**train_small.QUICK), out, log=lambda s: None)
+    res = train_small.train(train_small.TrainConfig(**train_small.QUICK), out, log=lambda s: None,
+                            state=out.parent / "state.pt")
     return out, res
 
 
@@ -64,17 +70,32 @@ def test_checkpoint_runs_in_the_runtime(quick_run):
 
 def test_training_is_reproducible(tmp_path):
     tc = train_small.TrainConfig(**{**train_small.QUICK, "steps": 3})
-    h1 = train_small.train(tc, tmp_path / "a", log=lambda s: None)["history"]
-    h2 = train_small.train(tc, tmp_path / "b", log=lambda s: None)["history"]
+    h1 = train_small.train(tc, tmp_path / "a", log=lambda s: None, state=tmp_path / "a.pt")["history"]
+    h2 = train_small.train(tc, tmp_path / "b", log=lambda s: None, state=tmp_path / "b.pt")["history"]
     assert h1 == h2
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
 
 
 def test_script_quick_mode(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "train_small.py"), "--quick", "--steps", "2",
-                        "--out", str(tmp_path / "q")], capture_output=True, text=True, timeout=600)
+                        "--out", str(tmp_path / "q"), "--state", str(tmp_path / "q.pt")], capture_output=True,
+                       text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "saved" in r.stdout and (tmp_path / "q" / "model.safetensors").is_file()
+
+
+def test_defaults_are_the_shipped_models_recipe():
+    """No options trains the recipe recorded in the shipped model's training.json: same hyperparameters, fp32 eager
+    steps, task set 1 (main's stream, tests/test_tasks.py), fp32 checkpoint."""
+    shipped = json.loads((ROOT / "llada_rt" / "models" / "small" / "training.json").read_text())["train_config"]
+    defaults = dataclasses.asdict(train_small.TrainConfig())
+    diff = {k: (v, defaults.get(k)) for k, v in shipped.items() if json.loads(json.dumps(defaults.get(k))) != v}
+    print("shipped vs default, differing:", diff)
+    assert not diff
+    new = {k: defaults[k] for k in defaults if k not in shipped}
+    print("fields the shipped run did not have:", new)
+    assert new == {"amp": "off", "compile": 0, "state_every": 500, "task_weights": "", "tokenizer": "chars",
+                   "task_set": 1, "save_dtype": "float32"}
 
 
 def test_task_weights_option():
@@ -88,14 +109,189 @@ def test_task_weights_option():
 def test_word_tokenizer_option(tmp_path):
     tc = train_small.TrainConfig(**{**train_small.QUICK, "steps": 2, "tokenizer": "words",
                                     "task_weights": "reverse=1,capital=1"})
-    res = train_small.train(tc, tmp_path / "w", log=lambda s: None)
-    assert res["cfg"].vocab_size == 256 and len(res["history"]) == 2
+    res = train_small.train(tc, tmp_path / "w", log=lambda s: None, state=tmp_path / "w.pt")
+    assert res["cfg"].vocab_size > 128 and res["cfg"].vocab_size % 128 == 0 and len(res["history"]) == 2
     with pytest.raises(ValueError, match="chars or words"):
-        train_small.train(train_small.TrainConfig(**{**train_small.QUICK, "tokenizer": "bpe"}), tmp_path / "x")
+        train_small.train(train_small.TrainConfig(**{**train_small.QUICK, "tokenizer": "bpe"}), tmp_path / "x",
+                          state=tmp_path / "x.pt")
 
 
 def test_script_rejects_bad_options(tmp_path):
-    for args, needle in ((["--task-weights", "add=x"], "task=weight"), (["--tokenizer", "bpe"], "chars or words")):
+    for args, needle in ((["--task-weights", "add=x"], "task=weight"), (["--tokenizer", "bpe"], "chars or words"),
+                         (["--amp", "fp16"], "bf16 or off"), (["--save-dtype", "int8"], "float32 or bfloat16"),
+                         (["--task-set", "3"], "--task-set 3: expected one of 1, 2"),
+                         (["--state", str(ROOT / "llada_rt" / "s.pt")], "outside the package")):
         r = subprocess.run([sys.executable, str(ROOT / "bench" / "train_small.py"), "--quick", *args,
                             "--out", str(tmp_path / "q")], capture_output=True, text=True, timeout=600)
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def quiet(s):
+    pass
+
+
+def run(tc, out, **kw):
+    return train_small.train(tc, out, log=quiet, state=out.parent / (out.name + ".pt"), **kw)
+
+
+def assert_same_run(a, b):
+    ra, rb = (json.loads((d / "training.json").read_text()) for d in (a, b))
+    print("steps", ra["step"], rb["step"], "stages", len(ra["stages"]), len(rb["stages"]))
+    assert ra["step"] == rb["step"]
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+def resumed_equals_uninterrupted(tmp_path, **overrides):
+    tc = train_small.TrainConfig(**{**train_small.QUICK, "steps": 8, **overrides})
+    full = run(tc, tmp_path / "full")
+    part = run(dataclasses.replace(tc, stop_at=3), tmp_path / "part")
+    assert part["step"] == 3 and part["history"] == full["history"][:3]
+    rest = run(tc, tmp_path / "part", resume=True)
+    print("uninterrupted", [round(x, 4) for x in full["history"]], "resumed", [round(x, 4) for x in rest["history"]])
+    assert rest["history"] == full["history"] and rest["step"] == 8
+    assert_same_run(tmp_path / "full", tmp_path / "part")
+    stages = json.loads((tmp_path / "part" / "training.json").read_text())["stages"]
+    assert [(st["first_step"], st["steps"]) for st in stages] == [(1, 3), (4, 5)]
+
+
+def test_resume_is_identical_to_an_uninterrupted_run(tmp_path):
+    """Weights, AdamW moments, data stream (with a pool of batches half used), masking RNG and step all restored:
+    stop at step 3 (pool of 4 batches), resume, and the losses and the saved weights equal one run's, bit for bit."""
+    resumed_equals_uninterrupted(tmp_path, gen_lengths=((16, 0.5), (32, 0.5)), task_set=2)
+
+
+@pytest.mark.slow
+def test_resume_is_identical_with_the_compiled_step(tmp_path):
+    resumed_equals_uninterrupted(tmp_path, compile=1, threads=1)
+
+
+def test_a_signal_stops_at_a_step_boundary_and_resumes(tmp_path):
+    """SIGTERM during step 2 (from the log line): the run finishes step 2, writes its state, and --resume goes on."""
+    tc = train_small.TrainConfig(**{**train_small.QUICK, "steps": 5})
+    full = run(tc, tmp_path / "full")
+
+    def log(line):
+        if line.startswith("step     1 "):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    part = train_small.train(tc, tmp_path / "part", log=log, state=tmp_path / "part.pt")
+    assert part["step"] == 1 and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    rest = run(tc, tmp_path / "part", resume=True)
+    assert rest["history"] == full["history"]
+    assert_same_run(tmp_path / "full", tmp_path / "part")
+
+
+def test_resume_checks_the_state(tmp_path):
+    tc = train_small.TrainConfig(**{**train_small.QUICK, "steps": 4, "stop_at": 2})
+    with pytest.raises(ValueError, match="no training state"):
+        run(tc, tmp_path / "a", resume=True)
+    run(tc, tmp_path / "a")
+    with pytest.raises(ValueError, match="exists .step 2 of 4.*--resume"):
+        run(tc, tmp_path / "a")  # a fresh start must not overwrite a run's state by accident
+    with pytest.raises(ValueError, match="lr: saved 0.003, asked 0.001"):
+        run(dataclasses.replace(tc, lr=1e-3), tmp_path / "a", resume=True)
+    res = run(dataclasses.replace(tc, stop_at=0, eval_every=2, eval_per_task=1), tmp_path / "a", resume=True)
+    assert res["step"] == 4  # run-only options may change
+    with pytest.raises(ValueError, match="outside the package"):
+        train_small.train(tc, tmp_path / "b", log=quiet, state=ROOT / "llada_rt" / "models" / "x.pt")
+    assert str(train_small.default_state_path(tmp_path / "b")).startswith(str(train_small.DEFAULT_STATE_DIR))
+    assert train_small.default_state_path(tmp_path / "b") != train_small.default_state_path(tmp_path / "c")
+
+
+def script(*args):
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "train_small.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_script_resume_takes_the_saved_options(tmp_path):
+    """--resume --state S alone continues the saved run (its options, its output directory); a weight-changing
+    option given anew is a usage error, a run-only one is taken."""
+    state = tmp_path / "s.pt"
+    r = script("--quick", "--steps", 4, "--stop-at", 2, "--lr", 0.002, "--out", tmp_path / "q", "--state", state)
+    assert r.returncode == 0, r.stderr
+    r = script("--resume", "--state", state, "--lr", 0.001)
+    assert r.returncode == 2 and "lr: saved 0.002, asked 0.001" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = script("--resume", "--state", state, "--stop-at", 3)
+    assert r.returncode == 0 and "at step 3 of 4" in r.stdout, r.stderr
+    r = script("--resume", "--state", state)
+    assert r.returncode == 0 and "resumed" in r.stdout and "at step 4 of 4 (done)" in r.stdout, r.stderr
+    info = json.loads((tmp_path / "q" / "training.json").read_text())
+    assert info["step"] == 4 and info["train_config"]["lr"] == 0.002 and len(info["stages"]) == 3
+    r = script("--resume", "--state", tmp_path / "none.pt")
+    assert r.returncode == 2 and "no training state" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def batch_and_weights(G=16, prompt_lengths=(7, 12, 3, 9, 12)):
+    from llada_rt.weights import init_weights
+
+    tc = train_small.TrainConfig(**train_small.QUICK)
+    cfg = train_small.model_config(tc, {"vocab_size": 128, "mask_token_id": 104, "eos_token_id": 102,
+                                        "pad_token_id": 102})
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 100, (n,), generator=g).tolist() for n in prompt_lengths]
+    responses = [torch.randint(0, 100, (G,), generator=g).tolist() for _ in prompt_lengths]
+    return cfg, init_weights(cfg, seed=3), train_small.collate(prompts, responses, 102)
+
+
+def reference_loss(cfg, w, tokens, positions, key_start, P, gen):
+    """LLaDA's SFT loss written out on its own: the response rows' logits only, CE / p summed, / G, mean."""
+    from llada_rt.model import forward
+
+    B, T = tokens.shape
+    G = T - P
+    t = (torch.arange(B) + torch.rand(B, generator=gen)) / B
+    p = (1 - train_small.EPS) * t + train_small.EPS
+    m = torch.rand(B, G, generator=gen) < p[:, None]
+    noisy = tokens.clone()
+    noisy[:, P:][m] = cfg.mask_token_id
+    logits = forward(cfg, w, noisy, positions, key_start, rows=slice(P, T), backend="torch").double()
+    ce = F.cross_entropy(logits.flatten(0, 1), tokens[:, P:].flatten(), reduction="none").view(B, G)
+    return ((ce * m).sum(1) / p.double() / G).mean()
+
+
+@pytest.mark.parametrize("G", [16, 32])
+def test_loss_is_llada_sft_loss(G):
+    cfg, w, (tokens, positions, key_start, P) = batch_and_weights(G)
+    got = train_small.diffusion_loss(cfg, w, tokens, positions, key_start, P, torch.Generator().manual_seed(1))
+    want = reference_loss(cfg, w, tokens, positions, key_start, P, torch.Generator().manual_seed(1))
+    print(f"G {G}: loss {got.item():.6f} reference {want.item():.6f} diff {abs(got.item() - want.item()):.2e}")
+    assert abs(got.item() - want.item()) < 1e-5 * want.item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = train_small.diffusion_loss(cfg, w, tokens, positions, key_start, P, torch.Generator().manual_seed(1))
+    print(f"bf16 autocast: {bf16.item():.6f} (rel diff {abs(bf16.item() - want.item()) / want.item():.2e})")
+    assert abs(bf16.item() - want.item()) < 2e-2 * want.item()
+
+
+@pytest.mark.slow
+def test_compiled_loss_and_gradients_equal_eager():
+    from llada_rt.model import RopeTable
+
+    compiled = torch.compile(train_small.masked_ce, dynamic=True)
+    for G, lengths in ((16, (7, 12, 3, 9, 12)), (32, (5, 21, 8, 2, 13))):  # two shapes through one compiled graph
+        cfg, w, (tokens, positions, key_start, P) = batch_and_weights(G, lengths)
+        params = train_small.params_of(w)
+        for t in params:
+            t.requires_grad_(True)
+        got = {}
+        rope = RopeTable.build(cfg, cfg.max_sequence_length, "cpu")
+        for name, fn, r in (("eager", train_small.masked_ce, None), ("compiled", compiled, rope)):
+            loss = train_small.diffusion_loss(cfg, w, tokens, positions, key_start, P,
+                                              torch.Generator().manual_seed(1), loss_fn=fn, rope=r)
+            got[name] = (loss.item(), torch.autograd.grad(loss, params))
+        (le, ge), (lc, gc) = got["eager"], got["compiled"]
+        err = max((a - b).abs().max().item() for a, b in zip(ge, gc))
+        print(f"G {G} P {P}: compiled {lc:.6f} eager {le:.6f} max grad diff {err:.2e}")
+        assert abs(lc - le) < 1e-5 * le and err < 1e-5
+
+
+def test_measure_speed_times_each_variant():
+    tc = train_small.TrainConfig(**{**train_small.QUICK, "batch_size": 4})
+    lines = []
+    res = train_small.measure_speed(tc, rounds=2, log=lines.append, steps_per_round=2,
+                                    variants=("fp32 eager", "bf16 eager"))
+    print("\n".join(lines))
+    assert set(res) == {"fp32 eager", "bf16 eager"}
+    for m in res.values():
+        assert m["steps_per_s"] > 0 and m["examples_per_s"] == pytest.approx(4 * m["steps_per_s"])
+        assert m["examples_per_cpu_s"] > 0
+    assert any(line.startswith("bf16 eager") and "x," in line for line in lines)
