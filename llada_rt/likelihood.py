@@ -31,9 +31,15 @@ from . import model, parallel
 from .config import LLaDAConfig
 from .weights import ModelWeights
 
-# Tokens (rows x padded length) per forward; CFG doubles the rows. At ~16k tokens a forward is large enough that
-# batching more gains little on the CPU (bench_likelihood.py), and LLaDA-8B's logits for it stay a few GB.
-DEFAULT_MAX_TOKENS = 16384
+# Tokens (rows x padded length) per forward; CFG doubles the rows. On the CPU a forward of ~2k tokens already keeps
+# the cores busy, and larger ones run slower per token (their activations leave the caches: 32 held-out pairs of the
+# shipped model take 1.5x longer at 16k than at 2k, bench_likelihood.py); on a GPU larger forwards fill the device,
+# and LLaDA-8B's logits for 16k tokens stay a few GB.
+MAX_TOKENS = {"cpu": 2048, "cuda": 16384}
+
+
+def default_max_tokens(device: torch.device) -> int:
+    return MAX_TOKENS.get(torch.device(device).type, MAX_TOKENS["cuda"])
 
 
 @dataclasses.dataclass
@@ -153,7 +159,7 @@ def _check_ids(what: str, seqs: Sequence[Sequence[int]], cfg: LLaDAConfig) -> No
 
 def masked_log_likelihood(cfg: LLaDAConfig, w: ModelWeights, prompts: Sequence[Sequence[int]],
                           answers: Sequence[Sequence[int]], masks: Sequence[torch.Tensor], cfg_scale: float = 0.0,
-                          max_tokens: int = DEFAULT_MAX_TOKENS, backend: str = "ops",
+                          max_tokens: int | None = None, backend: str = "ops",
                           unique_masks: bool = True) -> tuple[list[torch.Tensor], int, int]:
     """The packed core: per pair i, a float64 tensor (n_i,) with, for each row r of masks[i] (n_i, L_i) bool,
     (L_i / m_r) * sum_{j masked} log p(answer_j | prompt, answer masked at masks[i][r]), m_r = masks[i][r].sum() >= 1.
@@ -164,6 +170,8 @@ def masked_log_likelihood(cfg: LLaDAConfig, w: ModelWeights, prompts: Sequence[S
     """
     n_pairs = len(prompts)
     device = w.device
+    if max_tokens is None:
+        max_tokens = max([default_max_tokens(device)] + [len(p) + len(a) for p, a in zip(prompts, answers)])
     order = sorted(range(n_pairs), key=lambda i: -(len(prompts[i]) + len(answers[i])))   # longest pairs first
     unique, inverse = [None] * n_pairs, [None] * n_pairs
     for i in order:
@@ -264,13 +272,16 @@ def _check_options(mc_num: int, batch_size: int, cfg_scale: float, max_tokens: i
 
 def log_likelihood(cfg: LLaDAConfig, w: ModelWeights, prompts: Sequence[Sequence[int]],
                    answers: Sequence[Sequence[int]], mc_num: int = 128, batch_size: int = 16, cfg_scale: float = 0.0,
-                   seed: int = 0, max_tokens: int = DEFAULT_MAX_TOKENS, backend: str = "ops") -> LikelihoodResult:
+                   seed: int = 0, max_tokens: int | None = None, backend: str = "ops") -> LikelihoodResult:
     """Monte Carlo estimate of the bound on log p(answer | prompt) for each pair of token-id lists (module doc).
 
     mc_num rows per pair in stratified groups of batch_size (the official defaults of get_log_likelihood.py);
-    an empty answer has log-likelihood 0 exactly and runs nothing. max_tokens bounds rows x padded length per forward.
+    an empty answer has log-likelihood 0 exactly and runs nothing. max_tokens bounds rows x padded length per forward
+    (None: MAX_TOKENS of the weights' device, or the longest pair).
     """
     t0 = time.perf_counter()
+    if max_tokens is None:   # the device's default, or the longest pair when that is longer (one pair per forward)
+        max_tokens = max([default_max_tokens(w.device)] + [len(p) + len(a) for p, a in zip(prompts, answers)])
     _check_options(mc_num, batch_size, cfg_scale, max_tokens)
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers; give one prompt per answer")
@@ -312,7 +323,7 @@ def rolling_windows(n_tokens: int, window: int, context: int) -> list[tuple[int,
 
 def log_likelihood_rolling(cfg: LLaDAConfig, w: ModelWeights, texts: Sequence[Sequence[int]],
                            window: int | None = None, context: int = 0, mc_num: int = 128, batch_size: int = 16,
-                           seed: int = 0, max_tokens: int = DEFAULT_MAX_TOKENS, backend: str = "ops") -> RollingResult:
+                           seed: int = 0, max_tokens: int | None = None, backend: str = "ops") -> RollingResult:
     """Estimate of log p(text) for whole texts: the sum over the text's windows (rolling_windows) of the window's
     Monte Carlo estimate of log p(answer span | context before it). window defaults to the model's
     max_sequence_length; with context 0 the windows are disjoint and each is estimated unconditionally."""

@@ -381,7 +381,7 @@ class Runtime:
             p = p * len(a)
         return likelihood.log_likelihood(self.config, self.weights, p, a, mc_num=mc_num, batch_size=batch_size,
                                          cfg_scale=cfg_scale, seed=seed,
-                                         max_tokens=max_tokens or likelihood.DEFAULT_MAX_TOKENS,
+                                         max_tokens=max_tokens,
                                          backend=backend or self.engine.backend)
 
     def log_likelihood_rolling(self, texts, window: int | None = None, context: int = 0, mc_num: int = 128,
@@ -395,5 +395,5 @@ class Runtime:
 
         return likelihood.log_likelihood_rolling(self.config, self.weights, self._token_lists(texts), window=window,
                                                  context=context, mc_num=mc_num, batch_size=batch_size, seed=seed,
-                                                 max_tokens=max_tokens or likelihood.DEFAULT_MAX_TOKENS,
+                                                 max_tokens=max_tokens,
                                                  backend=backend or self.engine.backend)
