@@ -376,10 +376,7 @@ class Engine:
         ans = torch.sub(bs, P, out=g("ans0", (Bb,)))                                 # answer position of the block
         ans = torch.add(ans[:, None], ar[:N], out=g("ans", (Bb, N)))
         blk_sel = torch.take(block, p["sel"], out=g("blk_sel", (M,)))
-        # tensor parallel: logits are this rank's vocabulary shard; the ranks merge small per-row states
-        conf = impl.confidence if self.w.tp is None else \
-            functools.partial(parallel.confidence, impl, self.w.tp, full_vocab=self.cfg.padded_vocab)
-        token, prob = conf(
+        token, prob = self._confidence(impl)(
             logits.view(M, 1, V), torch.eq(blk_sel, self._const(self.mask_id), out=g("maskedM", (M,), b8)).view(M, 1),
             temperature=torch.take(st.temperature, slM, out=g("tempM", (M,), f32)),
             seed=torch.take(st.seed, slM, out=g("seedM", (M,))),
@@ -402,6 +399,13 @@ class Engine:
         impl.advance(st.status, st.canvas, sl, st.block_start, st.step, st.nsteps, st.k, st.spb, st.prompt_len,
                      st.length, st.rule, st.early_stop, st.filled, block_length=N, mask_id=self.mask_id,
                      fill_id=self.eos_id, stop_ids=self.stop_ids, skip_slot=st.scratch)
+
+    def _confidence(self, impl):
+        """impl.confidence, or under tensor parallelism its sharded form: the logits are this rank's vocabulary shard
+        and the ranks merge small per-row states (parallel.confidence)."""
+        if self.w.tp is None:
+            return impl.confidence
+        return functools.partial(parallel.confidence, impl, self.w.tp, full_vocab=self.cfg.padded_vocab)
 
     def _impl(self):
         if self.backend == "ops":

@@ -38,8 +38,11 @@ from .weights import ModelWeights
 MAX_TOKENS = {"cpu": 2048, "cuda": 16384}
 
 
-def default_max_tokens(device: torch.device) -> int:
-    return MAX_TOKENS.get(torch.device(device).type, MAX_TOKENS["cuda"])
+def default_max_tokens(device: torch.device, prompts: Sequence[Sequence[int]] = (),
+                       answers: Sequence[Sequence[int]] = ()) -> int:
+    """MAX_TOKENS of the device, or the longest (prompt, answer) pair when that is longer (one pair per forward)."""
+    longest = max((len(p) + len(a) for p, a in zip(prompts, answers)), default=0)
+    return max(MAX_TOKENS.get(torch.device(device).type, MAX_TOKENS["cuda"]), longest)
 
 
 @dataclasses.dataclass
@@ -171,7 +174,7 @@ def masked_log_likelihood(cfg: LLaDAConfig, w: ModelWeights, prompts: Sequence[S
     n_pairs = len(prompts)
     device = w.device
     if max_tokens is None:
-        max_tokens = max([default_max_tokens(device)] + [len(p) + len(a) for p, a in zip(prompts, answers)])
+        max_tokens = default_max_tokens(device, prompts, answers)
     order = sorted(range(n_pairs), key=lambda i: -(len(prompts[i]) + len(answers[i])))   # longest pairs first
     unique, inverse = [None] * n_pairs, [None] * n_pairs
     for i in order:
@@ -280,8 +283,8 @@ def log_likelihood(cfg: LLaDAConfig, w: ModelWeights, prompts: Sequence[Sequence
     (None: MAX_TOKENS of the weights' device, or the longest pair).
     """
     t0 = time.perf_counter()
-    if max_tokens is None:   # the device's default, or the longest pair when that is longer (one pair per forward)
-        max_tokens = max([default_max_tokens(w.device)] + [len(p) + len(a) for p, a in zip(prompts, answers)])
+    if max_tokens is None:
+        max_tokens = default_max_tokens(w.device, prompts, answers)
     _check_options(mc_num, batch_size, cfg_scale, max_tokens)
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers; give one prompt per answer")
