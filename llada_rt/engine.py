@@ -275,7 +275,17 @@ class Engine:
             if sel.size == 0:
                 sel = np.zeros(1, dtype=np.int64)   # a row of masked=False: computed, never committed
         M = int(sel.size)
-        plan = self._plan(Bb, S, N, M, phase, cfg, slots, sel)
+        # the real query columns of each row (its window clipped to its length): when some rows are shorter than
+        # the window, the forward runs its token-wise work on those columns only (ForwardBatch.pack); CUDA graphs
+        # keep the padded shapes, which replay needs
+        if phase.window == "all":
+            real = [r.length for r in rows]
+        elif phase.window == "suffix":
+            real = [r.length - r.block_start + shift for r in rows]
+        else:
+            real = [S] * B
+        real = [min(S, c) for c in real] + [S] * (Bb - B)
+        plan = self._plan(Bb, S, N, M, phase, cfg, slots, sel, None if graph or sum(real) == Bb * S else real)
         t0 = self.timer.start()
         if graph:
             self.graphs.run((mode, phase_name, N, cfg, Bb, S, M), lambda: self.ws.version,
@@ -287,33 +297,40 @@ class Engine:
         self.forwards += 1
         return self._after_step(rows, phase)
 
-    def _plan(self, Bb, S, N, M, phase: Phase, cfg: bool, slots, sel) -> dict:
+    def _plan(self, Bb, S, N, M, phase: Phase, cfg: bool, slots, sel, real) -> dict:
         """The step's host inputs written into device buffers: slots (Bb,), sel (M,) (flat block positions b * N + n
-        that get logits) and rowsel (M,) (their batch row)."""
+        that get logits), rowsel (M,) (their batch row), rowS (Bb,) (the query row of each row's first column) and,
+        when real (each row's real query columns, None: all S) is given, pack (Q,) (ForwardBatch.pack; with
+        guidance the second half's too)."""
         g = self.ws.get
-        p = dict(B=Bb, S=S, N=N, M=M, phase=phase, cfg=cfg,
-                 slots=g("eng.slots", (Bb,), torch.int64), slots32=g("eng.slots32", (Bb,), torch.int32),
-                 sel=g("eng.sel", (M,), torch.int64),
-                 rowsel=g("eng.rowsel", (M,), torch.int64), rowS=g("eng.rowS", (Bb,), torch.int64))
-        host = np.asarray(slots, dtype=np.int64), np.asarray(sel, dtype=np.int64)
-        if self.device.type == "cuda":
-            for name, h in (("slots", host[0]), ("slots32", host[0].astype(np.int32)), ("sel", host[1]),
-                            ("rowsel", host[1] // N),
-                            ("rowS", np.arange(Bb, dtype=np.int64) * S)):
-                p[name].copy_(torch.from_numpy(h), non_blocking=True)
+        i64 = torch.int64
+        host = dict(slots=np.asarray(slots, dtype=np.int64), sel=np.asarray(sel, dtype=np.int64))
+        host["slots32"] = host["slots"].astype(np.int32)
+        host["rowsel"] = host["sel"] // N
+        if real is None:
+            host["rowS"] = np.arange(Bb, dtype=np.int64) * S
         else:
-            p["slots"].numpy()[:] = host[0]
-            p["slots32"].numpy()[:] = host[0]
-            p["sel"].numpy()[:] = host[1]
-            p["rowsel"].numpy()[:] = host[1] // N
-            p["rowS"].numpy()[:] = np.arange(Bb, dtype=np.int64) * S
+            real = np.asarray(real, dtype=np.int64)
+            host["rowS"] = np.concatenate([[0], np.cumsum(real)[:-1]])
+            pack = np.concatenate([b * S + np.arange(c) for b, c in enumerate(real)])
+            host["pack"] = np.concatenate([pack, pack + Bb * S]) if cfg else pack
+        p = dict(B=Bb, S=S, N=N, M=M, phase=phase, cfg=cfg, Q=Bb * S if real is None else int(real.sum()),
+                 slots=g("eng.slots", (Bb,), i64), slots32=g("eng.slots32", (Bb,), torch.int32),
+                 sel=g("eng.sel", (M,), i64), rowsel=g("eng.rowsel", (M,), i64), rowS=g("eng.rowS", (Bb,), i64),
+                 pack=None if real is None else g("eng.pack", (host["pack"].size,), i64))
+        for name, h in host.items():
+            if self.device.type == "cuda":
+                p[name].copy_(torch.from_numpy(h), non_blocking=True)
+            else:
+                p[name].numpy()[:] = h
         return p
 
     def _device_step(self, p: dict) -> None:
         """One forward, confidence, remask and advance for the rows p['slots']: device work only (no host read, and no
         allocation once the workspace is warm), so that it can be captured as a CUDA graph."""
         st, ws, impl = self.st, self.ws, self._impl()
-        Bb, S, N, M, phase, cfg = p["B"], p["S"], p["N"], p["M"], p["phase"], p["cfg"]
+        Bb, S, N, M, Q, phase, cfg = p["B"], p["S"], p["N"], p["M"], p["Q"], p["phase"], p["cfg"]
+        pack = p["pack"]                                                             # (Q,) or (2Q,), or None
         i64, i32, f32, f64, b8 = torch.int64, torch.int32, torch.float32, torch.float64, torch.bool
 
         def g(name, shape, dt=i64):
@@ -336,7 +353,7 @@ class Engine:
         bflat = torch.add(bs[:, None], ar[:N], out=g("bflat", (Bb, N)))
         bflat.add_(rowbase[:, None])                                                 # (Bb, N) the block's flat indices
         block = torch.take(st.canvas, bflat, out=g("block", (Bb, N)))
-        # the query row of each block position: b * S + (block_start - q0 - logit_shift) + n
+        # the query row of each block position: rowS[b] + (block_start - q0 - logit_shift) + n
         win = torch.sub(bs, q0, out=g("win0", (Bb,)))
         if self.family.logit_shift:
             win.sub_(self._const(self.family.logit_shift))
@@ -355,12 +372,15 @@ class Engine:
             ke2[Bb:].copy_(key_end)
             lr2 = g("logit_rows2", (2 * M,))
             lr2[:M].copy_(logit_rows)
-            torch.add(logit_rows, self._const(Bb * S), out=lr2[M:])
-            fb = ForwardBatch(tok2, pos2, key_end=ke2, logit_rows=lr2)
+            torch.add(logit_rows, self._const(Q), out=lr2[M:])
+            fb = ForwardBatch(tok2, pos2, key_end=ke2, logit_rows=lr2, pack=pack)
         else:
-            fb = ForwardBatch(tokens, cols, key_end=key_end, logit_rows=logit_rows,
-                              write_index=flat.view(-1) if phase.cache_write else None,
-                              kv_rows=p["slots32"] if phase.cache_read else None, cache_read=phase.cache_read)
+            write_index = None
+            if phase.cache_write:
+                write_index = flat.view(-1) if pack is None else torch.take(flat, pack, out=g("write_index", (Q,)))
+            fb = ForwardBatch(tokens, cols, key_end=key_end, logit_rows=logit_rows, write_index=write_index,
+                              kv_rows=p["slots32"] if phase.cache_read else None, cache_read=phase.cache_read,
+                              pack=pack)
         logits = forward_batch(self.cfg, self.w, fb, cache=self.cache, rope=self.rope, ws=ws,
                                backend=self.backend)                                 # (M or 2M, V)
         V = logits.shape[-1]

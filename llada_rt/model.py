@@ -31,13 +31,20 @@ class RopeTable:
 
 @dataclasses.dataclass
 class ForwardBatch:
-    """What one forward computes, shared by all layers: B rows of S query columns (all device tensors)."""
+    """What one forward computes, shared by all layers: B rows of S query columns (all device tensors).
+
+    pack: when rows have different lengths, the flat indices into B * S of the query columns that are real (Q of
+    them, in order); the token-wise work (embedding, norms, linears, RoPE, MLP) then runs on those Q rows only and
+    just the attention sees the padded (B, S) layout, so padding costs no linear-layer work. "Query rows" below are
+    the Q packed rows when pack is given, else the B * S columns.
+    """
     tokens: torch.Tensor                       # (B, S) int64 query tokens
     positions: torch.Tensor                    # (B, S) int64 RoPE positions (rows of the RopeTable)
     key_end: torch.Tensor | None = None        # (B,) int32: keys [key_start, key_end) of each row are valid (None: S)
     key_start: torch.Tensor | None = None      # (B,) int32 (None: 0)
-    logit_rows: torch.Tensor | None = None     # (M,) int64 flat indices into B * S of the rows that get logits
-    write_index: torch.Tensor | None = None    # (B * S,) int64 flat cache index (row * T + column) of each query
+    logit_rows: torch.Tensor | None = None     # (M,) int64 indices of the query rows that get logits
+    write_index: torch.Tensor | None = None    # (query rows,) int64 flat cache index (row * T + column) of each
+    pack: torch.Tensor | None = None           # (Q,) int64 flat indices into B * S of the real query columns
     kv_rows: torch.Tensor | None = None        # (B,) int32 cache row of each batch row, when cache_read
     cache_read: bool = False                   # attend over the cache rows (after the write), not the fresh K/V
 
@@ -68,7 +75,7 @@ def _impl(backend: str):
 
 def forward_batch(cfg: LLaDAConfig, w: ModelWeights, fb: ForwardBatch, cache=None, rope: RopeTable | None = None,
                   ws: Workspace | None = None, backend: str = "ops") -> torch.Tensor:
-    """Logits (M, V) of the rows fb.logit_rows (all B * S rows when None).
+    """Logits (M, V) of the query rows fb.logit_rows (all of them when None).
 
     cache: the engine's KVCache, written at fb.write_index and read through fb.kv_rows (when fb.cache_read).
     rope: the RoPE table (built here for the largest position when None). ws: a Workspace that every intermediate is
@@ -89,36 +96,64 @@ def forward_batch(cfg: LLaDAConfig, w: ModelWeights, fb: ForwardBatch, cache=Non
     if rope is None:
         rope = RopeTable.build(cfg, int(fb.positions.max()) + 1 if fb.positions.numel() else 1, fb.tokens.device)
     inplace = ws is not None
-    if tp is None:
-        x = torch.index_select(w.embed, 0, fb.tokens.reshape(-1), out=scratch(ws, "x", (BS, d), dt))   # (BS, d)
+    pack = fb.pack
+    if pack is None:
+        Q, tokens, positions = BS, fb.tokens.reshape(-1), fb.positions                         # (BS,), (B, S)
     else:
-        x = parallel.embed(tp, w.embed, fb.tokens.reshape(-1), out=scratch(ws, "x", (BS, d), dt))
+        Q = pack.shape[0]
+        tokens = torch.take(fb.tokens, pack, out=scratch(ws, "pack_tokens", (Q,), torch.int64))
+        positions = torch.take(fb.positions, pack, out=scratch(ws, "pack_positions", (Q,), torch.int64)).view(1, Q)
+    qrows = (B, S) if pack is None else (1, Q)                                                  # RoPE's view of rows
+    nqkv = (Hq + 2 * Hkv) * D
+    if tp is None:
+        x = torch.index_select(w.embed, 0, tokens, out=scratch(ws, "x", (Q, d), dt))           # (Q, d)
+    else:
+        x = parallel.embed(tp, w.embed, tokens, out=scratch(ws, "x", (Q, d), dt))
     for i, layer in enumerate(w.layers):
-        h = impl.rms_norm(x, layer.attn_norm, cfg.rms_norm_eps, out=scratch(ws, "h", (BS, d), dt))
-        qkv = impl.linear(h, layer.wqkv, out=scratch(ws, "qkv", (BS, (Hq + 2 * Hkv) * D), dt))
-        q = qkv[:, :Hq * D].view(B, S, Hq, D)                                     # strided views of qkv
-        k = qkv[:, Hq * D:(Hq + Hkv) * D].view(B, S, Hkv, D)
-        v = qkv[:, (Hq + Hkv) * D:].view(B, S, Hkv, D)
-        q = impl.rope(q, fb.positions, rope.cos, rope.sin, cfg.rope_full_precision, out=q if inplace else None)
-        k = impl.rope(k, fb.positions, rope.cos, rope.sin, cfg.rope_full_precision, out=k if inplace else None)
+        h = impl.rms_norm(x, layer.attn_norm, cfg.rms_norm_eps, out=scratch(ws, "h", (Q, d), dt))
+        qkv = impl.linear(h, layer.wqkv, out=scratch(ws, "qkv", (Q, nqkv), dt))
+        q = qkv[:, :Hq * D].view(*qrows, Hq, D)                                   # strided views of qkv
+        k = qkv[:, Hq * D:(Hq + Hkv) * D].view(*qrows, Hkv, D)
+        v = qkv[:, (Hq + Hkv) * D:].view(*qrows, Hkv, D)
+        q = impl.rope(q, positions, rope.cos, rope.sin, cfg.rope_full_precision, out=q if inplace else None)
+        k = impl.rope(k, positions, rope.cos, rope.sin, cfg.rope_full_precision, out=k if inplace else None)
         if fb.write_index is not None:
             ck, cv = cache.flat(i)                                                # (R * T, Hkv, D)
-            ck.index_copy_(0, fb.write_index, k.reshape(BS, Hkv, D))
-            cv.index_copy_(0, fb.write_index, v.reshape(BS, Hkv, D))
+            ck.index_copy_(0, fb.write_index, k.reshape(Q, Hkv, D))
+            cv.index_copy_(0, fb.write_index, v.reshape(Q, Hkv, D))
+        if pack is not None:   # the attention's padded (B, S) layout: the queries (and the fresh K/V when not cached)
+            if fb.cache_read:
+                src = q.reshape(Q, Hq * D)                                        # K/V come from the cache
+            elif inplace:
+                src = qkv                                                         # q, k were rotated in place
+            else:
+                src = torch.cat([q.reshape(Q, -1), k.reshape(Q, -1), v.reshape(Q, -1)], 1)
+            # zeroed when allocated: the padding columns then only ever hold finite values (attention ignores them)
+            if inplace:
+                padded = ws.get("pack_qkv", (BS, src.shape[1]), dt, zero=True).index_copy_(0, pack, src)
+            else:
+                padded = torch.zeros((BS, src.shape[1]), dtype=dt, device=x.device).index_copy(0, pack, src)
+            q = padded[:, :Hq * D].view(B, S, Hq, D)
+            if not fb.cache_read:
+                k = padded[:, Hq * D:(Hq + Hkv) * D].view(B, S, Hkv, D)
+                v = padded[:, (Hq + Hkv) * D:].view(B, S, Hkv, D)
         a_out = scratch(ws, "attn", (B, S, Hq, D), dt)
         if fb.cache_read:
             K, V = cache.layer(i)                                                 # (R, T, Hkv, D)
             a = impl.attention(q, K, V, fb.key_start, fb.key_end, kv_rows=fb.kv_rows, out=a_out)
         else:
             a = impl.attention(q, k, v, fb.key_start, fb.key_end, out=a_out)      # (B, S, Hq, D)
-        o = impl.linear(a.reshape(BS, Hq * D), layer.wo, out=scratch(ws, "o", (BS, d), dt))
+        a = a.reshape(BS, Hq * D)
+        if pack is not None:
+            a = torch.index_select(a, 0, pack, out=scratch(ws, "pack_attn", (Q, Hq * D), dt))    # (Q, Hq * D)
+        o = impl.linear(a, layer.wo, out=scratch(ws, "o", (Q, d), dt))
         if tp is not None:   # row-parallel: each rank's heads give a partial sum of the projection
             tp.all_reduce_(o)
         x = x.add_(o) if inplace else x + o
-        h = impl.rms_norm(x, layer.ff_norm, cfg.rms_norm_eps, out=scratch(ws, "h", (BS, d), dt))
-        gu = impl.linear(h, layer.w_gate_up, out=scratch(ws, "gate_up", (BS, 2 * mlp), dt))
-        m = impl.silu_mul(gu, out=scratch(ws, "mlp", (BS, mlp), dt))
-        o = impl.linear(m, layer.w_down, out=scratch(ws, "o", (BS, d), dt))
+        h = impl.rms_norm(x, layer.ff_norm, cfg.rms_norm_eps, out=scratch(ws, "h", (Q, d), dt))
+        gu = impl.linear(h, layer.w_gate_up, out=scratch(ws, "gate_up", (Q, 2 * mlp), dt))
+        m = impl.silu_mul(gu, out=scratch(ws, "mlp", (Q, mlp), dt))
+        o = impl.linear(m, layer.w_down, out=scratch(ws, "o", (Q, d), dt))
         if tp is not None:
             tp.all_reduce_(o)
         x = x.add_(o) if inplace else x + o

@@ -16,12 +16,13 @@ class Workspace:
         self.buffers: dict[str, torch.Tensor] = {}
         self.version = 0
 
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
+        """zero: a (re)allocated buffer starts as zeros, not uninitialised memory."""
         n = math.prod(shape)
         buf = self.buffers.get(name)
         if buf is None or buf.numel() < n or buf.dtype != dtype:
             size = max(n, buf.numel() if buf is not None and buf.dtype == dtype else 0)
-            buf = self.buffers[name] = torch.empty(size, dtype=dtype, device=self.device)
+            buf = self.buffers[name] = (torch.zeros if zero else torch.empty)(size, dtype=dtype, device=self.device)
             self.version += 1
         return buf[:n].view(shape)
 
