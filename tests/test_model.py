@@ -70,3 +70,41 @@ def test_forward_bf16_close_to_fp32(tiny_ckpt, loaded):
     err = (a - b).abs().max().item()
     print("bf16 vs fp32", err, "scale", a.abs().max().item())
     assert b.dtype == torch.float32 and err < 0.05 * a.abs().max().item()
+
+
+@pytest.mark.parametrize("backend", ["torch", "ops"])
+@pytest.mark.parametrize("workspace", [False, True])
+def test_packed_rows_of_different_lengths(loaded, backend, workspace):
+    """ForwardBatch.pack: rows of lengths 1, 13, 29 and 30 (right-padded to 30, key_end = length) computed on their
+    real columns only give each row's logits alone (the independent plain forward), and the K/V each real column
+    writes into a cache equal the padded forward's."""
+    from llada_rt.cache import KVCache
+    from llada_rt.model import ForwardBatch, forward_batch
+    from llada_rt.workspace import Workspace
+    cfg, w, plain = loaded
+    lens = [13, 1, 30, 29]
+    B, S = len(lens), max(lens)
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, 100, (B, S), generator=g)
+    tokens[:, S // 2:] = cfg.mask_token_id
+    pos = torch.arange(S).expand(B, S).contiguous()
+    key_end = torch.tensor(lens, dtype=torch.int32)
+    pack = torch.cat([b * S + torch.arange(n) for b, n in enumerate(lens)])                  # (Q,)
+    offs = [sum(lens[:b]) for b in range(B)]
+    T = S + 3                                                                                  # cache columns
+    caches = [KVCache(cfg, B, T, torch.float32, torch.device("cpu")) for _ in range(2)]
+    write_pad = (torch.arange(B)[:, None] * T + torch.arange(S)[None, :]).reshape(-1)
+    ws = Workspace(torch.device("cpu")) if workspace else None
+    packed = forward_batch(cfg, w, ForwardBatch(tokens, pos, key_end=key_end, write_index=write_pad[pack],
+                                                pack=pack), cache=caches[0], ws=ws, backend=backend).clone()
+    padded = forward_batch(cfg, w, ForwardBatch(tokens, pos, key_end=key_end, write_index=write_pad),
+                           cache=caches[1], backend=backend)
+    assert packed.shape == (sum(lens), cfg.embedding_size)
+    for b, n in enumerate(lens):
+        ref = plain(tokens[b:b + 1, :n]).float()[0]
+        err = (packed[offs[b]:offs[b] + n] - ref).abs().max().item()
+        err_pad = (packed[offs[b]:offs[b] + n] - padded[b * S:b * S + n]).abs().max().item()
+        kv_err = max((c0[:, b, :n] - c1[:, b, :n]).abs().max().item()
+                     for c0, c1 in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)))
+        print(f"row {b} (length {n}): packed vs plain {err:.3g}, vs padded {err_pad:.3g}, cache K/V {kv_err:.3g}")
+        assert err < 1e-4 and err_pad < 1e-5 and kv_err < 1e-5
