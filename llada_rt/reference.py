@@ -309,7 +309,9 @@ def quantize_rows(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tenso
     an all-zero row gets scale 0 and q 0. -> (q as float64 (..., K), scale float64 (..., 1)); x ~ q * scale."""
     xf = x.float()
     amax = xf.abs().amax(-1, keepdim=True)                                        # (..., 1) fp32
-    inv = torch.where(amax > 0, qmax / amax, torch.zeros_like(amax))               # qmax / amax in fp32, as the kernel
+    # qmax / amax as a true fp32 division, as the kernel does (torch's `qmax / amax` multiplies by 1 / amax instead,
+    # which differs in the last bit a quarter of the time and then moves some q by one)
+    inv = torch.where(amax > 0, torch.full_like(amax, qmax) / amax, torch.zeros_like(amax))
     q = torch.round(xf * inv).clamp(-qmax, qmax)
     return q.double(), (amax / qmax).double()
 
