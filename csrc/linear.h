@@ -38,7 +38,8 @@ struct LinearParams {
 
 void linear_cpu(const LinearParams& p);
 // Whether this CPU has the instructions of the layout's CPU kernel (kBlockedF32: AVX-512F; kBlockedBF16: AVX-512 BF16;
-// kBlockedInt8, kBlockedInt8x4: AVX-512 VNNI). ops.py never offers a layout the CPU cannot run; linear_cpu throws if asked to.
+// kBlockedInt8, kBlockedInt8x4: AVX-512 VNNI). ops.py never offers a layout the CPU cannot run; linear_cpu throws if
+// asked to.
 bool linear_cpu_supports(WeightLayout layout);
 #if defined(LLADA_WITH_CUDA)
 void run_linear(const LinearParams& p, void* stream);  // kRowsInt8 with bf16 x; stream is a cudaStream_t

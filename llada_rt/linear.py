@@ -1,5 +1,5 @@
 """Linear: one linear layer's weight as held for inference (one representation, picked at load), int8 quantization, and
-the per-shape choice of the fastest CPU path by measurement (cached per machine)."""
+the per-shape choice of the fastest CPU path (float or int8 weights) by measurement (cached per machine)."""
 from __future__ import annotations
 
 import dataclasses
@@ -24,7 +24,7 @@ CPU_CANDIDATES = {torch.float32: ("torch_nk", "torch_kn", "blocked_f32"),
 # or to int8 (W8A8, vpdpbusd: twice the multiply rate, coarser activations; only up to K = ops.LINEAR_INT8X4_MAX_K).
 CPU_INT8_CANDIDATES = ("blocked_int8", "blocked_int8x4")
 INT8_PATH_ENV = "LLADA_RT_INT8_PATH"   # set to one of CPU_INT8_CANDIDATES: every CPU int8 weight takes it, unmeasured
-ACT_QMAX = {"blocked_int8": 32767, "blocked_int8x4": 127}   # the CPU int8 kernels' activation grid (reference.quantize_rows)
+ACT_QMAX = {"blocked_int8": 32767, "blocked_int8x4": 127}   # the CPU int8 kernels' activation grids (quantize_rows)
 MEASURE_ROWS = (1, 8, 32, 64)    # the step shapes: one masked row up to a 64-position block
 SAMPLE_BYTES = 32 << 20          # weight rows measured per shape: about an L3's worth, so streaming from memory counts
 NEAR_TIE = 0.03                  # another path must be this much faster than the plain layout to replace it

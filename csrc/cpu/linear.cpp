@@ -444,7 +444,8 @@ void linear_cpu(const LinearParams& p) {
         float* scale = const_cast<float*>(job.x_scale) + m;
         if (int8x4) {
           int8_t* dst = const_cast<int8_t*>(static_cast<const int8_t*>(job.x)) + m * job.ldx;
-          x_row_quantize(dst, scale, const_cast<int32_t*>(job.x_sum) + m, src, p.x_dtype, p.K, static_cast<int>(job.ldx));
+          x_row_quantize(dst, scale, const_cast<int32_t*>(job.x_sum) + m, src, p.x_dtype, p.K,
+                         static_cast<int>(job.ldx));
         } else {
           uint16_t* dst = const_cast<uint16_t*>(static_cast<const uint16_t*>(job.x)) + m * job.ldx;
           if (int8) x_row_quantize(reinterpret_cast<int16_t*>(dst), scale, nullptr, src, p.x_dtype, p.K,
