@@ -4,10 +4,15 @@ achieved GB/s of weights and GFLOP/s against it, for fp32, bf16 and int8 weights
     python bench/bench_roofline.py                                   # every section, 2 layers at LLaDA-8B shapes
     python bench/bench_roofline.py --sections stream,linear --shapes random --rows 1,32 --json out.json
     python bench/bench_roofline.py --sections step8b --layers 4 --dtypes bfloat16,int8
+    python bench/bench_roofline.py --sections stream,linear --shapes 8b --dtypes bfloat16,int8 --rows 1-32 --threads 2
 
 Sections: `stream` (read-only sum and copy of a 1 GiB buffer with torch, best of 5: what the cores can pull from
 memory); `linear` (each linear of the random checkpoint of bench/RESULTS.md and of LLaDA-8B at 1..64 rows, every path
-this CPU runs, the one choose_path picks marked '*'); `step` (model.forward_batch at the dual-mode step shape: 32 query rows
+this CPU runs (int8: both CPU kernels, blocked_int8 with int16 activations and blocked_int8x4 with int8 ones), the one
+choose_path / choose_int8_path picks marked '*'; then per linear a table with one column per path, and for the LM head
+the figure "over a block": the LM head summed over 32, 31, ..., 1 rows (logits for the masked rows of a 32-block, one
+token committed per step), from the times measured at --rows, linearly interpolated between them for the row counts
+not measured (--rows 1-32 measures all 32; the count measured is printed)); `step` (model.forward_batch at the dual-mode step shape: 32 query rows
 against a cached 171-position canvas, logits for the 32 block rows, on the random checkpoint: d_model 512, 4 layers,
 vocab 126464); `step8b` (the same step at LLaDA-8B's shapes with --layers random layers made in memory; the per-layer
 time, (step - head) / layers, is extrapolated to 32 layers and labelled so). GB/s counts the weight bytes the step or
@@ -34,7 +39,8 @@ from bench_kernels import timed_many  # noqa: E402
 from llada_rt import ops  # noqa: E402
 from llada_rt.cache import KVCache  # noqa: E402
 from llada_rt.config import LLaDAConfig  # noqa: E402
-from llada_rt.linear import CPU_CANDIDATES, Linear, choose_path, cpu_name  # noqa: E402
+from llada_rt.linear import (CPU_CANDIDATES, CPU_INT8_CANDIDATES, Linear, choose_int8_path, choose_path,  # noqa: E402
+                             cpu_name, quantize_int8)
 from llada_rt.model import ForwardBatch, RopeTable, forward_batch  # noqa: E402
 from llada_rt.weights import LayerWeights, ModelWeights  # noqa: E402
 
@@ -77,15 +83,34 @@ def linear_shapes(model: str) -> list[tuple[str, int, int]]:
 
 
 def paths_for(dtype) -> list[str]:
-    if dtype == "int8":
-        return ["blocked_int8"] if ops.linear_path_supported("blocked_int8", "cpu") else []
-    return [p for p in CPU_CANDIDATES[dtype] if ops.linear_path_supported(p, "cpu")]
+    return [p for p in (CPU_INT8_CANDIDATES if dtype == "int8" else CPU_CANDIDATES[dtype])
+            if ops.linear_path_supported(p, "cpu")]
 
 
-def make_linear(w: torch.Tensor, dtype, path: str | None) -> Linear:
-    if dtype == "int8":
-        return Linear.from_dense(w, quantize="int8")
-    return Linear.from_dense(w.to(dtype), path=path)
+BLOCK_ROWS = range(32, 0, -1)   # the LM head's rows over a 32-block with logits for the masked rows only
+
+
+def block_time(times: dict[int, float]) -> tuple[float, int] | None:
+    """(seconds summed over BLOCK_ROWS, how many of them were measured) from {rows: seconds}, linear between the
+    measured row counts; None unless 1 and 32 rows (the ends) were measured."""
+    ms = sorted(times)
+    if 1 not in times or 32 not in times:
+        return None
+    total = 0.0
+    for m in BLOCK_ROWS:
+        lo = max(r for r in ms if r <= m)
+        hi = min(r for r in ms if r >= m)
+        total += times[lo] if lo == hi else times[lo] + (times[hi] - times[lo]) * (m - lo) / (hi - lo)
+    return total, sum(1 for m in BLOCK_ROWS if m in times)
+
+
+def parse_rows(text: str) -> list[int]:
+    """'1,8,32' or ranges '1-32' (both ends included), mixed: '1-4,8,16-17'."""
+    rows = []
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        rows.extend(range(int(a), int(b) + 1) if b else [int(a)])
+    return sorted(set(rows))
 
 
 def act_dtype(dtype):
@@ -93,8 +118,8 @@ def act_dtype(dtype):
     return torch.float32 if dtype == "int8" else dtype
 
 
-def linear_rows(models, dtypes, rows, iters, bw_gbps, log) -> list[dict]:
-    out = []
+def linear_rows(models, dtypes, rows, iters, bw_gbps, log) -> tuple[list[dict], list[dict]]:
+    out, blocks = [], []
     g = torch.Generator().manual_seed(0)
     for model in models:
         for name, N, K in linear_shapes(model):
@@ -105,9 +130,12 @@ def linear_rows(models, dtypes, rows, iters, bw_gbps, log) -> list[dict]:
                 if not paths:
                     log(f"{MODELS[model][0]:<12} {name:<10} {dname:<8} skipped: no path on this CPU")
                     continue
-                chosen = "blocked_int8" if dtype == "int8" else choose_path(w.to(dtype))[0]
+                q8 = quantize_int8(w) if dtype == "int8" else None
+                chosen = choose_int8_path(*q8)[0] if dtype == "int8" else choose_path(w.to(dtype))[0]
+                table = {}
                 for path in paths:
-                    lin = make_linear(w, dtype, path)
+                    lin = (Linear.from_int8(*q8, path=path) if dtype == "int8"
+                           else Linear.from_dense(w.to(dtype), path=path))
                     xs = {m: torch.randn(m, K, generator=g).to(act_dtype(dtype)) for m in rows}
                     outs = {m: torch.empty(m, N, dtype=act_dtype(dtype)) for m in rows}
                     fns = [lambda m=m: ops.linear(xs[m], lin, out=outs[m]) for m in rows]
@@ -117,11 +145,33 @@ def linear_rows(models, dtypes, rows, iters, bw_gbps, log) -> list[dict]:
                                    chosen=path == chosen, rows=m, us=s * 1e6, weight_bytes=lin.nbytes, gbps=gbps,
                                    gflops=2 * m * N * K / s / 1e9, pct_bw=100 * gbps / bw_gbps)
                         out.append(row)
+                        table[path, m] = s
                         log(f"{row['model']:<12} {name:<10} {N:>6}x{K:<6} {dname:<8} {path:<13}{'*' if row['chosen'] else ' '}"
                             f" M={m:<3} {s * 1e3:9.2f} ms {gbps:7.2f} GB/s {row['gflops']:7.1f} GFLOP/s "
                             f"{row['pct_bw']:5.1f}% of bw")
+                    nbytes = lin.nbytes
                     del lin
-    return out
+                    if name == "lm_head":
+                        blk = block_time({m: table[path, m] for m in rows})
+                        if blk is not None:
+                            total, measured = blk
+                            gbps = len(BLOCK_ROWS) * nbytes / total / 1e9
+                            blocks.append(dict(model=MODELS[model][0], N=N, K=K, dtype=dname, path=path,
+                                               chosen=path == chosen, block_ms=total * 1e3, measured_rows=measured,
+                                               gbps=gbps, pct_bw=100 * gbps / bw_gbps))
+                log_table(MODELS[model][0], name, dname, paths, chosen, rows, table, log)
+    for b in blocks:
+        log(f"over a block: {b['model']:<12} lm_head {b['N']}x{b['K']} {b['dtype']:<8} {b['path']:<13}"
+            f"{'*' if b['chosen'] else ' '} rows 32..1: {b['block_ms']:9.1f} ms {b['gbps']:7.2f} GB/s "
+            f"{b['pct_bw']:5.1f}% of bw ({b['measured_rows']} of 32 row counts measured, the rest interpolated)")
+    return out, blocks
+
+
+def log_table(model, name, dname, paths, chosen, rows, table, log) -> None:
+    """One line per row count, one column per path: ms."""
+    log(f"  {model} {name} {dname}, ms: " + " | ".join(f"{p}{'*' if p == chosen else ''}" for p in paths))
+    for m in rows:
+        log(f"  M={m:<3} " + " | ".join(f"{table[p, m] * 1e3:10.3f}" for p in paths))
 
 
 def model_weights(cfg: LLaDAConfig, dtype, g: torch.Generator) -> ModelWeights:
@@ -202,7 +252,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sections", default="stream,linear,step,step8b")
     ap.add_argument("--shapes", default="random,8b", help="models of the linear section: random, 8b")
     ap.add_argument("--dtypes", default="float32,bfloat16,int8")
-    ap.add_argument("--rows", default="1,8,32,64", help="rows (M) of the linear section")
+    ap.add_argument("--rows", default="1,8,32,64", help="rows (M) of the linear section: a list, ranges like 1-32")
     ap.add_argument("--layers", type=int, default=2, help="layers of the LLaDA-8B-shaped step (2 to 4)")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -246,8 +296,8 @@ def main(argv=None) -> int:
     if bw is None:
         bw = float("nan")
     if "linear" in sections:
-        result["linear"] = linear_rows(args.shapes.split(","), dtypes, [int(r) for r in args.rows.split(",")],
-                                       args.iters, bw, log)
+        result["linear"], result["lm_head_block"] = linear_rows(args.shapes.split(","), dtypes, parse_rows(args.rows),
+                                                                args.iters, bw, log)
     result["step"] = []
     if "step" in sections:
         for dname in dtypes:

@@ -208,7 +208,7 @@ inline AdvanceParams advance_params(const std::vector<uintptr_t>& state, int64_t
 
 inline LinearParams linear_params(uintptr_t out, uintptr_t x, uintptr_t w, uintptr_t scale, int64_t x_stride,
                                   int64_t out_stride, int M, int N, int K, int x_dtype, int layout, int n_threads) {
-  if (layout < 0 || layout > 3) throw std::invalid_argument("llada_rt: unknown weight layout " + std::to_string(layout));
+  if (layout < 0 || layout > static_cast<int>(WeightLayout::kBlockedInt8x4)) throw std::invalid_argument("llada_rt: unknown weight layout " + std::to_string(layout));
   LinearParams p{};
   p.out_ptr = ptr<void>(out); p.x_ptr = ptr<const void>(x); p.w_ptr = ptr<const void>(w);
   p.scale_ptr = ptr<const float>(scale);

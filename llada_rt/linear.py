@@ -1,5 +1,5 @@
 """Linear: one linear layer's weight as held for inference (one representation, picked at load), int8 quantization, and
-the per-shape choice of the fastest CPU path by measurement (cached per machine)."""
+the per-shape choice of the fastest CPU path (float or int8 weights) by measurement (cached per machine)."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,11 +20,21 @@ QUANTIZE_MODES = ("int8",)
 CPU_CANDIDATES = {torch.float32: ("torch_nk", "torch_kn", "blocked_f32"),
                   torch.bfloat16: ("torch_nk", "torch_kn", "blocked_bf16"),
                   torch.float16: ("torch_nk", "torch_kn")}
+# The CPU paths measured for int8 weights (csrc/linear.h): x quantized per row to int16 (vpdpwssd), kept on near-ties,
+# or to int8 (W8A8, vpdpbusd: twice the multiply rate, coarser activations; only up to K = ops.LINEAR_INT8X4_MAX_K).
+CPU_INT8_CANDIDATES = ("blocked_int8", "blocked_int8x4")
+INT8_PATH_ENV = "LLADA_RT_INT8_PATH"   # set to one of CPU_INT8_CANDIDATES: every CPU int8 weight takes it, unmeasured
+ACT_QMAX = {"blocked_int8": 32767, "blocked_int8x4": 127}   # the CPU int8 kernels' activation grids (quantize_rows)
 MEASURE_ROWS = (1, 8, 32, 64)    # the step shapes: one masked row up to a 64-position block
 SAMPLE_BYTES = 32 << 20          # weight rows measured per shape: about an L3's worth, so streaming from memory counts
 NEAR_TIE = 0.03                  # another path must be this much faster than the plain layout to replace it
 CACHE_VERSION = 1                # bump when the kernels or the measurement change, to measure afresh
 _TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}  # candidate vs fp32 ref, of max |ref|
+# int8 paths vs the fp32 product of the dequantised weights: rounding x to the grid s = max |x| / qmax of its row moves
+# each x[k] by at most s / 2, roughly uniformly (std s / sqrt(12)) and independently over k, so an output moves by about
+# N(0, (s / sqrt(12))^2 sum_k w[n, k]^2); a working kernel stays within _ACT_SIGMAS of that std (the measured sample has
+# at most 64 x 8192 outputs: a normal tail beyond 6 sigma is 2e-9 per output), plus fp32 summation slack.
+_ACT_SIGMAS = 6.0
 
 
 def _ops():
@@ -36,8 +46,9 @@ def _ops():
 @dataclasses.dataclass(eq=False)
 class Linear:
     """The weight W (N, K) (out x in, as safetensors stores it) of one linear layer, held in the layout of `path`
-    (see ops.linear): torch_nk W itself, torch_kn W^T contiguous, blocked_f32 / blocked_bf16 / blocked_int8 the packed
-    CPU layouts of csrc/linear.h, rows_int8 int8 (N, K) for CUDA. int8 paths carry per-output-channel scales (N,)."""
+    (see ops.linear): torch_nk W itself, torch_kn W^T contiguous, blocked_f32 / blocked_bf16 / blocked_int8 /
+    blocked_int8x4 (W8A8) the packed CPU layouts of csrc/linear.h, rows_int8 int8 (N, K) for CUDA. int8 paths carry
+    per-output-channel scales (N,)."""
     path: str
     tensor: torch.Tensor
     N: int
@@ -61,29 +72,36 @@ class Linear:
         if path is None:
             path, reason = choose_path(w)
         _require_path(path, w.device)
-        if path in ("blocked_int8", "rows_int8"):
-            raise ValueError(f"Linear.from_dense: {path} holds int8 weights; pass quantize='int8'")
+        if path in _ops().LINEAR_INT8_PATHS:
+            raise ValueError(f"Linear.from_dense: {path} holds int8 weights; pass quantize='int8' (or build it with "
+                             "Linear.from_int8)")
         if path == "blocked_f32" and w.dtype != torch.float32 or path == "blocked_bf16" and w.dtype != torch.bfloat16:
             raise ValueError(f"Linear.from_dense: the {path} layout holds {path.split('_')[1]} weights, got {w.dtype}")
         N, K = w.shape
         return cls(path=path, tensor=_pack(w, path), N=N, K=K, reason=reason)
 
     @classmethod
-    def from_int8(cls, q: torch.Tensor, scale: torch.Tensor) -> "Linear":
-        """From int8 q (N, K) and float32 scales (N,) (W = q * scale[:, None]) on their device: rows_int8 on CUDA,
-        blocked_int8 on the CPU."""
+    def from_int8(cls, q: torch.Tensor, scale: torch.Tensor, *, path: str | None = None) -> "Linear":
+        """From int8 q (N, K) and float32 scales (N,) (W = q * scale[:, None]) on their device: rows_int8 on CUDA; on
+        the CPU `path` (blocked_int8 or blocked_int8x4), None: choose_int8_path (measured, or $LLADA_RT_INT8_PATH)."""
         if q.dtype != torch.int8 or q.dim() != 2:
             raise ValueError(f"Linear.from_int8: q must be int8 (N, K), got {q.dtype} {tuple(q.shape)}")
         if tuple(scale.shape) != (q.shape[0],) or not scale.is_floating_point():
             raise ValueError(f"Linear.from_int8: scale must be float ({q.shape[0]},), got {scale.dtype} "
                              f"{tuple(scale.shape)}")
-        path = "rows_int8" if q.device.type == "cuda" else "blocked_int8"
+        scale = scale.to(device=q.device, dtype=torch.float32).contiguous()
+        reason = "given"
+        if path is None:
+            path, reason = choose_int8_path(q, scale)
+        if path not in _ops().LINEAR_INT8_PATHS:
+            raise ValueError(f"Linear.from_int8: {path!r} is not an int8 path; int8 paths: "
+                             f"{', '.join(_ops().LINEAR_INT8_PATHS)}")
         _require_path(path, q.device)
         N, K = q.shape
-        return cls(path=path, tensor=_pack(q, path), N=N, K=K,
-                   scale=scale.to(device=q.device, dtype=torch.float32).contiguous(),
-                   reason="int8 weights: the CUDA mma.sync kernel" if path == "rows_int8" else
-                   "int8 weights: the AVX512-VNNI kernel (x as int16 per row)")
+        if path == "blocked_int8x4" and K > _ops().LINEAR_INT8X4_MAX_K:
+            raise ValueError(f"Linear.from_int8: blocked_int8x4 sums exactly in int32 only up to K = "
+                             f"{_ops().LINEAR_INT8X4_MAX_K}, got K = {K}; use blocked_int8")
+        return cls(path=path, tensor=_pack(q, path), N=N, K=K, scale=scale, reason=reason)
 
     @property
     def device(self) -> torch.device:
@@ -116,6 +134,8 @@ class Linear:
         if not self.quantized:
             raise ValueError(f"Linear.int8: this weight is not quantized (path {self.path})")
         q = self.tensor if self.path == "rows_int8" else _unpack(self.tensor, self.path, self.N, self.K)
+        if self.path == "blocked_int8x4":
+            q = (q.contiguous().view(torch.int8) ^ -128)                               # q + 128 (uint8) -> q
         return q.contiguous(), self.scale
 
 
@@ -143,11 +163,12 @@ def _require_path(path: str, device: torch.device) -> None:
         return
     if path == "rows_int8":
         why = ("this llada_rt build has no CUDA kernels (it was built without nvcc)" if device.type == "cuda"
-               else "it is the CUDA layout (int8 on the CPU is blocked_int8)")
+               else "it is the CUDA layout (int8 on the CPU is blocked_int8 or blocked_int8x4)")
     elif device.type != "cpu":
         why = "it is a CPU layout"
     else:
-        why = (f"this CPU lacks the kernel's instructions (AVX-512F; AVX-512 BF16 for bf16, AVX-512 VNNI for int8; "
+        why = (f"this CPU lacks the kernel's instructions (AVX-512F; AVX-512 BF16 for bf16, AVX-512 VNNI for int8 "
+               f"and W8A8; "
                f"cpu_features(): {ops.cpu_features()}); use float32 or bfloat16 weights on a torch path")
     raise ValueError(f"linear path {path!r} cannot run on {device}: {why}")
 
@@ -161,14 +182,20 @@ def _pack(w: torch.Tensor, path: str) -> torch.Tensor:
         return w.t().contiguous()                                                   # (K, N)
     ops = _ops()
     shape = ops.linear_weight_shape(path, N, K)
-    Np, Kp = shape[0] * ops.LINEAR_BLOCK_N, (K if path == "blocked_f32" else 2 * shape[1])
+    Np, Kp = shape[0] * ops.LINEAR_BLOCK_N, (K if path == "blocked_f32" else shape[1] * shape[3])
     if (Np, Kp) != (N, K):
         padded = w.new_zeros((Np, Kp))                                              # (Np, Kp)
         padded[:N, :K] = w
         w = padded
     if path == "blocked_f32":
         return w.reshape(shape[0], ops.LINEAR_BLOCK_N, K).transpose(1, 2).contiguous()          # (Np/16, K, 16)
-    return w.reshape(shape[0], ops.LINEAR_BLOCK_N, shape[1], 2).permute(0, 2, 1, 3).contiguous()  # (Np/16, K2, 16, 2)
+    # (Np/16, K2, 16, 2) or, blocked_int8x4, (Np/16, K4, 16, 4)
+    blocked = w.reshape(shape[0], ops.LINEAR_BLOCK_N, shape[1], shape[3]).permute(0, 2, 1, 3)
+    if path != "blocked_int8x4":
+        return blocked.contiguous()
+    out = torch.empty(shape, dtype=torch.uint8, device=w.device)
+    out.copy_(blocked.view(torch.uint8))
+    return out.bitwise_xor_(0x80)                                                   # two's complement q -> q + 128
 
 
 def _unpack(t: torch.Tensor, path: str, N: int, K: int) -> torch.Tensor:
@@ -201,34 +228,87 @@ def choose_path(w: torch.Tensor) -> tuple[str, str]:
     return entry["path"], f"measured ({times}; geometric mean over rows {tuple(entry['rows'])})"
 
 
-def measure_paths(w: torch.Tensor, paths, rows=MEASURE_ROWS) -> dict:
+def choose_int8_path(q: torch.Tensor, scale: torch.Tensor) -> tuple[str, str]:
+    """(path, reason) for int8 weights q (N, K) with scales (N,) on the CPU: $LLADA_RT_INT8_PATH when set (for
+    comparisons and evaluations of one kernel), else the fastest of CPU_INT8_CANDIDATES that this CPU runs at this K,
+    measured once per (N, K) as choose_path does (geometric mean over MEASURE_ROWS, fp32 x) and cached with it."""
+    if q.device.type != "cpu":
+        return "rows_int8", "int8 weights on CUDA: the mma.sync kernel"
+    ops = _ops()
+    forced = os.environ.get(INT8_PATH_ENV)
+    if forced:
+        if forced not in CPU_INT8_CANDIDATES:
+            raise ValueError(f"${INT8_PATH_ENV} must be one of {', '.join(CPU_INT8_CANDIDATES)}, got {forced!r}")
+        return forced, f"${INT8_PATH_ENV}={forced}"
+    N, K = q.shape
+    paths = [p for p in CPU_INT8_CANDIDATES if ops.linear_path_supported(p, q.device)
+             and not (p == "blocked_int8x4" and K > ops.LINEAR_INT8X4_MAX_K)]
+    if not paths:
+        return "blocked_int8", "no int8 kernel runs on this CPU"   # from_int8 then raises with the reason
+    if len(paths) == 1:
+        return paths[0], f"the only int8 path on this CPU at K = {K}"
+    key = f"cpu int8 N={N} K={K}"
+    entry = _cache().get(key)
+    if entry is None or entry.get("path") not in paths:
+        entry = measure_paths(q, paths, scale=scale)
+        _cache_store(key, entry)
+    times = ", ".join(f"{p} {us:.0f} us" for p, us in entry["us"].items())
+    return entry["path"], f"measured ({times}; geometric mean over rows {tuple(entry['rows'])}, fp32 x)"
+
+
+def _max_error(path: str, x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """The largest error of `path` accepted per output of x (M, K) @ w (n, K)^T (w dense, or dequantised for int8) with
+    fp32 reference ref (M, n): _TOLERANCE of max |ref| for dense paths; for int8 ones the activation rounding bound
+    above _ACT_SIGMAS plus 1e-5 of max |ref| (fp32 sums), and bf16 output rounding."""
+    if path not in ACT_QMAX:
+        return torch.full_like(ref, _TOLERANCE[x.dtype] * max(ref.abs().max().item(), 1e-30))
+    step = x.float().abs().amax(1, keepdim=True) / ACT_QMAX[path]                 # (M, 1) the grid of each row
+    sigma = step / math.sqrt(12.0) * w.float().square().sum(1).sqrt()[None, :]     # (M, n)
+    rounding = 2.0 ** -8 * ref.abs() if x.dtype == torch.bfloat16 else 0.0
+    return _ACT_SIGMAS * sigma + 1e-5 * ref.abs().max() + rounding + 1e-30
+
+
+def measure_paths(w: torch.Tensor, paths, rows=MEASURE_ROWS, scale: torch.Tensor | None = None) -> dict:
     """Times ops.linear for each path on the first rows of w (up to SAMPLE_BYTES) at each row count, on one thread in
     that thread's CPU time (so that other processes on a shared machine change nothing; the ranking is taken to hold for
-    every thread count); a path whose output leaves the fp32 reference by more than _TOLERANCE is dropped with a
-    warning. -> {"path": fastest, "us": {path: geometric mean over rows of the fastest of 5 batches, us per call},
-    "rows": rows, "sample_rows": rows of w used}."""
+    every thread count); a path whose output leaves the fp32 reference by more than _max_error allows is dropped with a
+    warning. With scale, w is int8 q (N, K) of scales (N,), the paths are int8 ones, x is fp32 and the reference uses
+    the dequantised weights. -> {"path": fastest, "us": {path: geometric mean over rows of the fastest of 5 batches, us
+    per call}, "rows": rows, "sample_rows": rows of w used}."""
     ops = _ops()
     N, K = w.shape
     n = min(N, max(ops.LINEAR_PANEL_N, SAMPLE_BYTES // (K * w.element_size())))
-    # non-finite weights (loaded with check_finite=False) would fail every path's check; the timing needs only the shape
-    sample = torch.nan_to_num(w[:n], nan=0.0, posinf=0.0, neginf=0.0)
+    if scale is None:
+        # non-finite weights (loaded with check_finite=False) would fail every path's check; timing needs the shape only
+        sample = torch.nan_to_num(w[:n], nan=0.0, posinf=0.0, neginf=0.0)
+        dense, x_dtype = sample, w.dtype
+    else:
+        sample, sample_scale = w[:n], torch.nan_to_num(scale[:n], nan=0.0, posinf=0.0, neginf=0.0)
+        dense, x_dtype = sample.float() * sample_scale[:, None], torch.float32                   # (n, K)
     g = torch.Generator().manual_seed(0)
-    xs = [torch.randn(m, K, generator=g).to(w.dtype) for m in rows]
-    refs = [torch.nn.functional.linear(x.float(), sample.float()) for x in xs]
+    xs = [torch.randn(m, K, generator=g).to(x_dtype) for m in rows]
+    refs = [torch.nn.functional.linear(x.float(), dense.float()) for x in xs]
     lins, outs = {}, {}
     for p in paths:
-        lin = Linear.from_dense(sample, path=p)
+        lin = Linear.from_dense(sample, path=p) if scale is None else Linear.from_int8(sample, sample_scale, path=p)
         bad = []
         for x, ref in zip(xs, refs):
-            err = (ops.linear(x, lin).float() - ref).abs().max().item()
-            if not err <= _TOLERANCE[w.dtype] * max(ref.abs().max().item(), 1e-30):
-                bad.append(f"rows {x.shape[0]}: max error {err:.3g} vs max |ref| {ref.abs().max().item():.3g}")
+            err = (ops.linear(x, lin).float() - ref).abs()
+            allowed = _max_error(p, x, dense, ref)
+            if not (err <= allowed).all():
+                i = (err / allowed).flatten().argmax()
+                bad.append(f"rows {x.shape[0]}: error {err.flatten()[i].item():.3g} where "
+                           f"{allowed.flatten()[i].item():.3g} is allowed (max |ref| {ref.abs().max().item():.3g})")
         if bad:
-            warnings.warn(f"llada_rt.linear: path {p} gives wrong results for {w.dtype} (N, K) = ({n}, {K}) and is "
+            what = "int8" if scale is not None else w.dtype
+            warnings.warn(f"llada_rt.linear: path {p} gives wrong results for {what} (N, K) = ({n}, {K}) and is "
                           f"not used: {'; '.join(bad)}")
             continue
         lins[p] = lin
-        outs[p] = [torch.empty(x.shape[0], n, dtype=w.dtype) for x in xs]
+        outs[p] = [torch.empty(x.shape[0], n, dtype=x_dtype) for x in xs]
+    if not lins:
+        raise RuntimeError(f"llada_rt.linear: every candidate path ({', '.join(paths)}) failed its accuracy check for "
+                           f"(N, K) = ({N}, {K}); see the warnings above")
     per_call = {p: [] for p in lins}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # the calling thread's CPU time is then all the work: other processes cannot add to it

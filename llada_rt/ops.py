@@ -872,15 +872,18 @@ _lib.define("linear_out(Tensor(a!) out, Tensor x, Tensor w, Tensor? scale, int l
 
 # A Linear's path (llada_rt/linear.py) -> the WeightLayout code of csrc/linear.h that our kernels read; the torch paths
 # ("torch_nk": W (N, K) as stored, "torch_kn": W^T (K, N) contiguous) go to torch.mm.
-LINEAR_LAYOUTS = {"blocked_f32": 0, "blocked_bf16": 1, "blocked_int8": 2, "rows_int8": 3}
+LINEAR_LAYOUTS = {"blocked_f32": 0, "blocked_bf16": 1, "blocked_int8": 2, "rows_int8": 3, "blocked_int8x4": 4}
 LINEAR_PATHS = ("torch_nk", "torch_kn", *LINEAR_LAYOUTS)
 LINEAR_BLOCK_N = 16   # kLinearBlockN in csrc/linear.h
 LINEAR_PANEL_N = 64   # kLinearPanelN: the blocked layouts pad N to a multiple of it
+LINEAR_INT8X4_MAX_K = 65536   # kLinearInt8x4MaxK: blocked_int8x4's int32 sums are exact up to this K
+LINEAR_INT8_PATHS = ("blocked_int8", "blocked_int8x4", "rows_int8")   # the paths of int8 weights (with scales)
 _LINEAR_TENSOR_DTYPES = {"blocked_f32": torch.float32, "blocked_bf16": torch.bfloat16, "blocked_int8": torch.int8,
-                         "rows_int8": torch.int8}
+                         "rows_int8": torch.int8, "blocked_int8x4": torch.uint8}
 # activation dtypes each kernel path takes (the output has the activations' dtype)
 _LINEAR_X_DTYPES = {"blocked_f32": (torch.float32,), "blocked_bf16": (torch.bfloat16,),
-                    "blocked_int8": (torch.float32, torch.bfloat16), "rows_int8": (torch.bfloat16,)}
+                    "blocked_int8": (torch.float32, torch.bfloat16), "rows_int8": (torch.bfloat16,),
+                    "blocked_int8x4": (torch.float32, torch.bfloat16)}
 
 
 def linear_weight_shape(path: str, N: int, K: int) -> tuple[int, ...]:
@@ -889,7 +892,8 @@ def linear_weight_shape(path: str, N: int, K: int) -> tuple[int, ...]:
     return {"torch_nk": (N, K), "torch_kn": (K, N), "rows_int8": (N, K),
             "blocked_f32": (Np // LINEAR_BLOCK_N, K, LINEAR_BLOCK_N),
             "blocked_bf16": (Np // LINEAR_BLOCK_N, -(-K // 2), LINEAR_BLOCK_N, 2),
-            "blocked_int8": (Np // LINEAR_BLOCK_N, -(-K // 2), LINEAR_BLOCK_N, 2)}[path]
+            "blocked_int8": (Np // LINEAR_BLOCK_N, -(-K // 2), LINEAR_BLOCK_N, 2),
+            "blocked_int8x4": (Np // LINEAR_BLOCK_N, -(-K // 4), LINEAR_BLOCK_N, 4)}[path]
 
 
 def linear_path_supported(path: str, device: torch.device | str) -> bool:
@@ -933,9 +937,12 @@ def _check_linear_kernel(out, x, w, scale, layout) -> None:
                f"{linear_weight_shape(path, N, K)}, got {w.dtype} {tuple(w.shape)}")
     if not w.is_contiguous():
         _check(False, op, "the weight must be contiguous (as llada_rt.linear.Linear builds it)")
-    if path in ("blocked_int8", "rows_int8") and (scale is None or scale.dtype != torch.float32
-                                                  or tuple(scale.shape) != (N,) or not scale.is_contiguous()):
+    if path in LINEAR_INT8_PATHS and (scale is None or scale.dtype != torch.float32
+                                      or tuple(scale.shape) != (N,) or not scale.is_contiguous()):
         _check(False, op, f"int8 weights need float32 contiguous scales of shape ({N},)")
+    if path == "blocked_int8x4" and K > LINEAR_INT8X4_MAX_K:
+        _check(False, op, f"blocked_int8x4 sums exactly in int32 only up to K = {LINEAR_INT8X4_MAX_K}, got K = {K}; "
+               "hold the weight as blocked_int8")
     for name, t in (("x", x), ("w", w), ("scale", scale)):
         if t is not None and t.device != out.device:
             _check(False, op, f"{name} is on {t.device} but out is on {out.device}")
@@ -950,7 +957,8 @@ def _check_linear_kernel(out, x, w, scale, layout) -> None:
             _check(False, op, f"the CUDA int8 kernel needs K % 16 == 0 and 16-byte aligned rows of x and W, got K = "
                    f"{K}, x row stride {x.stride(0)}")
     else:
-        _check(path != "rows_int8", op, "rows_int8 is the CUDA layout; on the CPU int8 weights are blocked_int8")
+        _check(path != "rows_int8", op, "rows_int8 is the CUDA layout; on the CPU int8 weights are blocked_int8 or "
+               "blocked_int8x4")
         if layout not in _LINEAR_SUPPORTED:
             _LINEAR_SUPPORTED[layout] = _C.linear_cpu_supports(layout)
         if not _LINEAR_SUPPORTED[layout]:
@@ -989,7 +997,10 @@ def linear(x: torch.Tensor, w, out: torch.Tensor | None = None) -> torch.Tensor:
     Paths: torch_nk / torch_kn run torch.mm on W (N, K) or W^T (K, N) (fp32/bf16/fp16, any device); blocked_f32 /
     blocked_bf16 (CPU) our AVX-512 kernels, fp32 or bf16 in and out, fp32 accumulation. int8 weights, output in x's
     dtype: blocked_int8 (CPU) quantizes each row of x (fp32 or bf16) to int16 (scale max |x| / 32767, half to even),
-    sums x q exactly in int32 over 256 k at a time (AVX512-VNNI), then in fp32, times both scales; rows_int8 (CUDA)
+    sums x q exactly in int32 over 256 k at a time (AVX512-VNNI), then in fp32, times both scales; blocked_int8x4 (CPU,
+    W8A8) quantizes each row of x to int8 (scale max |x| / 127, half to even), sums x q exactly in int32 over all of K
+    (K <= LINEAR_INT8X4_MAX_K; vpdpbusd on weights held as q + 128, the offset taken off per row), times both scales;
+    rows_int8 (CUDA)
     dequantises q exactly to bf16 for mma.sync with bf16 x, fp32 accumulation, times the column scale.
     """
     K, N = w.K, w.N

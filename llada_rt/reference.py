@@ -303,3 +303,16 @@ def linear(x: torch.Tensor, w, out: torch.Tensor | None = None) -> torch.Tensor:
     return out
 
 
+def quantize_rows(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The activations as the CPU int8 kernels use them: each row of x (..., K) symmetric, scale = max |x| / qmax
+    (fp32), q = round(x * (qmax / max |x|)) half to even in [-qmax, qmax] (32767: blocked_int8, 127: blocked_int8x4);
+    an all-zero row gets scale 0 and q 0. -> (q as float64 (..., K), scale float64 (..., 1)); x ~ q * scale."""
+    xf = x.float()
+    amax = xf.abs().amax(-1, keepdim=True)                                        # (..., 1) fp32
+    # qmax / amax as a true fp32 division, as the kernel does (torch's `qmax / amax` multiplies by 1 / amax instead,
+    # which differs in the last bit a quarter of the time and then moves some q by one)
+    inv = torch.where(amax > 0, torch.full_like(amax, qmax) / amax, torch.zeros_like(amax))
+    q = torch.round(xf * inv).clamp(-qmax, qmax)
+    return q.double(), (amax / qmax).double()
+
+

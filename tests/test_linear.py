@@ -2,16 +2,18 @@
 reference.linear over odd shapes; the Linear container; the path choice by measurement; no allocation with out=.
 
 Tolerances: fp32 paths differ from the fp32 reference only by summation order (relative 1e-5 of sum |x| |w|); bf16
-outputs are rounded once (2^-8 relative) on top of that. The CPU int8 kernel quantizes each row of x to int16 first,
-so it is held to the product of that quantized x (reproduced here) and, separately, to the plain reference with the
-budget of that quantization (half a step, max |x| / 65534, per element)."""
+outputs are rounded once (2^-8 relative) on top of that. The CPU int8 kernels quantize each row of x first, to int16
+(blocked_int8) or int8 (blocked_int8x4, W8A8), so each is held to the product of that quantized x
+(reference.quantize_rows) and, separately, to the plain reference with the budget of that quantization (half a step,
+max |x| / (2 qmax), per element, times sum |w|)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from llada_rt import ops, reference
-from llada_rt.linear import Linear, choose_path, measure_paths, quantize_int8
+from llada_rt.linear import (ACT_QMAX, CPU_INT8_CANDIDATES, INT8_PATH_ENV, Linear, choose_int8_path, choose_path,
+                             measure_paths, quantize_int8)
 
 try:
     from llada_rt import _emu
@@ -65,34 +67,58 @@ def test_dense_paths_match_reference(path, dtype, N, K):
         assert ref.shape == out.shape and ref.dtype == out.dtype
 
 
-@_supported("blocked_int8")
+INT8_SHAPES = SHAPES + [(70, 4101)]   # K past one 4096-k chunk of blocked_int8x4, not a multiple of 4; N past a panel
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=_supported(p)) for p in CPU_INT8_CANDIDATES])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("N, K", SHAPES)
-def test_int8_cpu_matches_reference(x_dtype, N, K):
+@pytest.mark.parametrize("N, K", INT8_SHAPES)
+def test_int8_cpu_matches_reference(path, x_dtype, N, K):
     g = torch.Generator().manual_seed(N * 1000 + K + 7)
     W = torch.randn(N, K, generator=g)
-    lin = Linear.from_dense(W, quantize="int8")
     q, scale = quantize_int8(W)
-    assert lin.path == "blocked_int8" and torch.equal(lin.int8()[0], q) and torch.equal(lin.int8()[1], scale)
+    lin = Linear.from_int8(q, scale, path=path)
+    assert lin.path == path and torch.equal(lin.int8()[0], q) and torch.equal(lin.int8()[1], scale)
+    assert torch.equal(Linear.from_dense(W, quantize="int8").int8()[0], q)
     deq = q.double() * scale.double()[:, None]
+    qmax = ACT_QMAX[path]
     for M in ROWS:
         x = torch.randn(M, K, generator=g).to(x_dtype)
         x[0, :] *= 40                                                             # rows of different scales
+        if M > 1:
+            x[1, :] = 0                                                           # an all-zero row: scale 0
         out = ops.linear(x, lin)
         assert out.dtype == x_dtype
-        # the kernel's activations: x per row as int16 q_x * s_x, s_x = max |x| / 32767, q_x rounded half to even
-        amax = x.float().abs().amax(1, keepdim=True)
-        xq = torch.round(x.float() * (32767 / amax)).clamp(-32767, 32767)
-        _check(out, x, deq, f"int8 x={x_dtype} M={M} N={N} K={K}", exact_x=xq.double() * (amax.double() / 32767))
+        if M > 1:
+            assert (out[1] == 0).all(), f"{path}: an all-zero row of x must give zeros"
+        # the kernel's activations: x per row as q_x * s_x, s_x = max |x| / qmax, q_x rounded half to even
+        xq, xs = reference.quantize_rows(x, qmax)
+        label = f"{path} x={x_dtype} M={M} N={N} K={K}"
+        _check(out, x, deq, label, exact_x=xq * xs)
         ref = reference.linear(x, lin).double()                                   # plain x, dequantised W
-        bound = ((amax.double() / 65534) * deq.abs().sum(1)[None, :] + 2.0 ** -8 * ref.abs()
+        amax = x.float().abs().amax(1, keepdim=True).double()
+        bound = ((amax / (2 * qmax)) * deq.abs().sum(1)[None, :] + 2.0 ** -8 * ref.abs()
                  * (x_dtype == torch.bfloat16)).max().item() * 1.01 + 1e-6
-        print(f"  vs reference.linear: {(out.double() - ref).abs().max().item():.3g} (int16-x bound {bound:.3g})")
-        assert (out.double() - ref).abs().max().item() <= bound
+        err = (out.double() - ref).abs().max().item()
+        print(f"  vs reference.linear: {err:.3g} (bound of the {qmax}-step activation grid {bound:.3g})")
+        assert err <= bound
+        if path == "blocked_int8x4" and K >= 16 and x_dtype == torch.float32:
+            # the exact check above has power: the plain x (no 8-bit rounding) misses the kernel's output by far more
+            plain = x.double() @ deq.t()
+            mag = x.double().abs() @ deq.abs().t()
+            print(f"  vs the plain-x product: {(out.double() - plain).abs().max().item():.3g} "
+                  f"(exact tolerance {(1e-5 * mag).max().item():.3g})")
+            assert ((out.double() - plain).abs() > 1e-5 * mag).any()
 
 
-INT8_PATHS = [pytest.param("int8", torch.float32, marks=_supported("blocked_int8")),
-              pytest.param("int8", torch.bfloat16, marks=_supported("blocked_int8"))]
+INT8_PATHS = [pytest.param(p, d, marks=_supported(p)) for p in CPU_INT8_CANDIDATES
+              for d in (torch.float32, torch.bfloat16)]
+
+
+def _make(W, path):
+    if path in CPU_INT8_CANDIDATES:
+        return Linear.from_int8(*quantize_int8(W), path=path)
+    return Linear.from_dense(W, path=path)
 
 
 @pytest.mark.parametrize("path, dtype", DENSE_PATHS + INT8_PATHS)
@@ -101,7 +127,7 @@ def test_out_is_written_in_place_without_allocation(path, dtype):
     from torch.profiler import ProfilerActivity, profile
 
     W = torch.randn(96, 48).to(dtype)
-    lin = Linear.from_dense(W, quantize="int8") if path == "int8" else Linear.from_dense(W, path=path)
+    lin = _make(W, path)
     x = torch.randn(2, 5, 48).to(dtype)
     out = torch.empty(2, 5, 96, dtype=dtype)
     ops.linear(x, lin, out=out)   # warm: first calls may set up thread pools
@@ -110,8 +136,14 @@ def test_out_is_written_in_place_without_allocation(path, dtype):
     allocs = [(e.name, e.cpu_memory_usage) for e in prof.events() if e.cpu_memory_usage > 0]
     print(f"{path} {dtype}: allocations with out= {allocs}")
     assert got is out and not allocs
-    tol = 1e-2 if dtype == torch.bfloat16 else 1e-3 if path == "int8" else 1e-5   # int8: x quantized to int16
-    torch.testing.assert_close(out, reference.linear(x, lin), rtol=tol, atol=tol)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    if path in CPU_INT8_CANDIDATES:   # the product of the activations as the kernel quantizes them
+        xq, xs = reference.quantize_rows(x, ACT_QMAX[path])
+        q, scale = lin.int8()
+        want = ((xq * xs) @ (q.double() * scale.double()[:, None]).t()).to(dtype)
+    else:
+        want = reference.linear(x, lin)
+    torch.testing.assert_close(out, want, rtol=tol, atol=tol)
     wide = torch.zeros(10, 100, dtype=dtype)                                      # rows 100 apart
     ops.linear(x.reshape(10, 48), lin, out=wide[:, :96])
     assert torch.equal(wide[:, :96], ops.linear(x.reshape(10, 48), lin)) and (wide[:, 96:] == 0).all()
@@ -135,12 +167,12 @@ def test_row_subset_gives_the_same_tokens(path, dtype):
     g = torch.Generator().manual_seed(3)
     V, d, M = 1000, 64, 32
     W = torch.randn(V, d, generator=g).to(dtype)
-    lin = Linear.from_dense(W, quantize="int8") if path == "int8" else Linear.from_dense(W, path=path)
+    lin = _make(W, path)
     x = torch.randn(M, d, generator=g).to(dtype)
     rows = torch.tensor([0, 3, 4, 9, 17, 30, 31])
     full = ops.linear(x, lin)
     part = ops.linear(x[rows].contiguous(), lin)
-    if path.startswith("blocked") or path == "int8":
+    if path.startswith("blocked"):
         assert torch.equal(part, full[rows])
     top2 = full[rows].float().topk(2, dim=-1).values
     decided = (top2[:, 0] - top2[:, 1]) > 1e-2 * top2[:, 0].abs()                 # ties may go either way
@@ -218,6 +250,76 @@ def test_measure_paths_drops_a_wrong_path(monkeypatch):
         res = measure_paths(torch.randn(64, 32), ["torch_nk", "torch_kn"], rows=(1, 4))
     print(res)
     assert res["path"] == "torch_nk" and "torch_kn" not in res["us"]
+
+
+requires_both_int8 = pytest.mark.skipif(
+    not all(ops.linear_path_supported(p, "cpu") for p in CPU_INT8_CANDIDATES),
+    reason=f"this CPU cannot run every int8 path (cpu_features: {ops.cpu_features()})")
+
+
+@requires_both_int8
+def test_int8_choice_checks_w8a8_within_its_tolerance_and_drops_a_wrong_one(monkeypatch):
+    """Both int8 kernels pass the activation-rounding tolerance of the measurement; a W8A8 kernel off by half an
+    8-bit step of one activation per output (a bias of 0.5 |w| max |x| / 127) is dropped, however fast."""
+    g = torch.Generator().manual_seed(11)
+    q, scale = quantize_int8(torch.randn(200, 300, generator=g))
+    res = measure_paths(q, CPU_INT8_CANDIDATES, rows=(1, 7, 33), scale=scale)
+    print(res)
+    assert set(res["us"]) == set(CPU_INT8_CANDIDATES) and res["path"] in CPU_INT8_CANDIDATES
+    real = ops.linear
+
+    def biased(x, w, out=None):
+        y = real(x, w, out)
+        if w.path == "blocked_int8x4":
+            amax = x.float().abs().amax(1, keepdim=True)
+            y.add_((0.5 * amax / 127 * 20 * w.dense().abs().amax(1)[None, :]).to(y.dtype))   # 20 activations off
+        return y
+
+    monkeypatch.setattr(ops, "linear", biased)
+    with pytest.warns(UserWarning, match="blocked_int8x4 gives wrong results for int8"):
+        res = measure_paths(q, CPU_INT8_CANDIDATES, rows=(1, 7), scale=scale)
+    print(res)
+    assert res["path"] == "blocked_int8" and "blocked_int8x4" not in res["us"]
+
+
+@requires_both_int8
+def test_int8_path_is_measured_cached_and_forced_by_env(tmp_path, monkeypatch):
+    import llada_rt.linear as L
+
+    monkeypatch.setenv("LLADA_RT_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(INT8_PATH_ENV, raising=False)
+    monkeypatch.setattr(L, "_CACHE", None)
+    q, scale = quantize_int8(torch.randn(150, 72))
+    path, reason = choose_int8_path(q, scale)
+    print(path, reason)
+    assert path in CPU_INT8_CANDIDATES and "measured" in reason
+    assert "cpu int8 N=150 K=72" in next(tmp_path.glob("linear_paths-*.json")).read_text()
+    monkeypatch.setattr(L, "_CACHE", None)
+    monkeypatch.setattr(L, "measure_paths", lambda *a, **k: pytest.fail("measured again despite the cache"))
+    assert Linear.from_int8(q, scale).path == path
+    for forced in CPU_INT8_CANDIDATES:
+        monkeypatch.setenv(INT8_PATH_ENV, forced)
+        lin = Linear.from_int8(q, scale)
+        assert lin.path == forced and INT8_PATH_ENV in lin.reason and torch.equal(lin.int8()[0], q)
+    monkeypatch.setenv(INT8_PATH_ENV, "w8a8")
+    with pytest.raises(ValueError, match="LLADA_RT_INT8_PATH must be one of blocked_int8, blocked_int8x4"):
+        Linear.from_int8(q, scale)
+
+
+@_supported("blocked_int8x4")
+def test_w8a8_errors_name_the_problem():
+    q, scale = quantize_int8(torch.randn(8, 12))
+    with pytest.raises(ValueError, match="'blocked_f32' is not an int8 path"):
+        Linear.from_int8(q, scale, path="blocked_f32")
+    with pytest.raises(ValueError, match="holds int8 weights"):
+        Linear.from_dense(torch.randn(8, 12), path="blocked_int8x4")
+    big = torch.ones(2, ops.LINEAR_INT8X4_MAX_K + 1, dtype=torch.int8)
+    with pytest.raises(ValueError, match="only up to K = 65536, got K = 65537; use blocked_int8"):
+        Linear.from_int8(big, torch.ones(2), path="blocked_int8x4")
+    assert choose_int8_path(big, torch.ones(2))[0] == "blocked_int8"   # the only int8 path at that K
+    lin = Linear.from_int8(q, scale, path="blocked_int8x4")
+    with pytest.raises(ops.OpInputError, match="take activations in"):
+        ops.linear(torch.randn(3, 12).half(), lin)
 
 
 # ---- the CUDA int8 kernel under the SIMT emulator ------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 
 from llada_rt import Runtime, ops
 from llada_rt.config import ConfigError, load_config
-from llada_rt.linear import quantize_int8
+from llada_rt.linear import CPU_INT8_CANDIDATES, INT8_PATH_ENV, quantize_int8
 from llada_rt.model import forward
 from llada_rt.testing import SMALL_VOCAB, write_checkpoint
 from llada_rt.weights import (SCALE_SUFFIX, CheckpointError, load_weights, quantize_checkpoint, quantized_names,
@@ -71,7 +71,7 @@ def test_round_trip_load_save_load(float_ckpt, int8_ckpt, tmp_path):
     b = load_weights(float_ckpt, load_config(float_ckpt), quantize="int8")
     assert a.quantized and b.quantized
     for (name, la), lb in zip(a.linears().items(), b.linears().values()):
-        assert la.path == lb.path == "blocked_int8", name
+        assert la.path == lb.path and la.path in CPU_INT8_CANDIDATES, name
         assert torch.equal(la.int8()[0], lb.int8()[0]) and torch.equal(la.int8()[1], lb.int8()[1]), name
     save_checkpoint(tmp_path / "again", cfg, a)
     c = load_weights(tmp_path / "again", load_config(tmp_path / "again"))
@@ -92,16 +92,20 @@ def test_runtime_loads_int8_directly_and_matches_quantize_at_load(float_ckpt, in
     assert a == b and len(a) == 16
 
 
-def test_int8_forward_close_to_float(float_ckpt, int8_ckpt):
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.skipif(
+    not ops.linear_path_supported(p, "cpu"), reason=f"this CPU cannot run {p}")) for p in CPU_INT8_CANDIDATES])
+def test_int8_forward_close_to_float(float_ckpt, int8_ckpt, path, monkeypatch):
     cfg = load_config(float_ckpt)
     w32 = load_weights(float_ckpt, cfg)
+    monkeypatch.setenv(INT8_PATH_ENV, path)   # every int8 linear on this kernel
     w8 = load_weights(int8_ckpt, load_config(int8_ckpt))
+    assert {lin.path for lin in w8.linears().values()} == {path}
     ids = torch.randint(0, 90, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         a, b = forward(cfg, w32, ids), forward(cfg, w8, ids)
     err = (a - b).abs().max().item() / a.abs().max().item()
     agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
-    print(f"int8 vs fp32 logits: max err {err:.3g} of max |logit|; argmax agreement {agree:.3f}")
+    print(f"int8 ({path}) vs fp32 logits: max err {err:.3g} of max |logit|; argmax agreement {agree:.3f}")
     assert err < 0.05 and agree > 0.8
 
 
@@ -156,18 +160,26 @@ def test_bad_int8_checkpoints_are_reported(int8_ckpt, tmp_path):
         load_config(bad)
 
 
-def test_dtype_agreement_with_fp32(tmp_path):
+def test_dtype_agreement_with_fp32(tmp_path, monkeypatch):
     """bf16 and int8 runtimes against fp32 on a random checkpoint with LLaDA's vocabulary: argmax agreement of the
     logits over every position of a forward (printed: random weights give flat logits, so raw agreement is low) and,
     tie-robust, on the positions whose fp32 top-2 gap exceeds 2% of the logit scale (asserted)."""
     ckpt = write_checkpoint(tmp_path / "r", seed=11, eos_scale=0.05)
     ids = torch.randint(0, 90, (4, 64), generator=torch.Generator().manual_seed(0))
     ids[:, 32:] = load_config(ckpt).mask_token_id
-    runs = {"float32": {}, "bfloat16": dict(dtype="bfloat16"), "int8": dict(quantize="int8"),
-            "int8 + bf16 activations": dict(dtype="bfloat16", quantize="int8")}
-    with torch.inference_mode():
-        logits = {k: forward(rt.config, rt.weights, ids).float()
-                  for k, rt in ((k, Runtime(ckpt, device="cpu", **kw)) for k, kw in runs.items())}
+    runs = {"float32": {}, "bfloat16": dict(dtype="bfloat16")}
+    for p in CPU_INT8_CANDIDATES:   # each int8 kernel, forced (the measured choice is one of them)
+        if ops.linear_path_supported(p, "cpu"):
+            runs[f"int8 {p}"] = dict(quantize="int8", path=p)
+            runs[f"int8 {p} + bf16 activations"] = dict(dtype="bfloat16", quantize="int8", path=p)
+    logits = {}
+    for k, kw in runs.items():
+        if "path" in kw:
+            monkeypatch.setenv(INT8_PATH_ENV, kw.pop("path"))
+        rt = Runtime(ckpt, device="cpu", **kw)
+        monkeypatch.delenv(INT8_PATH_ENV, raising=False)
+        with torch.inference_mode():
+            logits[k] = forward(rt.config, rt.weights, ids).float()
     base = logits.pop("float32")
     top2 = base.topk(2, dim=-1).values
     decided = (top2[..., 0] - top2[..., 1]) > 0.02 * base.abs().amax()

@@ -2,7 +2,8 @@
 // panel is walked in K-chunks that stay in L2 while register tiles of up to 6 rows x 64 columns run over them, and the
 // next chunk is prefetched meanwhile. fp32: FMA on broadcast activations; bf16: AVX512-BF16 dot products of k-pairs;
 // int8: x quantized per row to int16, AVX512-VNNI int16 x int8 dot products summed exactly in int32, then both scales
-// in fp32 (measured faster than dequantising the weights to bf16 tiles at 1 to 64 rows, and more accurate).
+// in fp32 (measured faster than dequantising the weights to bf16 tiles at 1 to 64 rows, and more accurate); W8A8
+// (kBlockedInt8x4): x quantized per row to int8, vpdpbusd on k-quads of offset weights, twice the multiply rate.
 #include <immintrin.h>
 #include <omp.h>
 
@@ -31,8 +32,11 @@ constexpr int kTileRows = 6;       // 6 x 4 accumulators + 4 weight vectors + 1 
 constexpr int kChunkSteps = 1024;  // k (fp32) or k-pairs per chunk: 4 blocks x 1024 x 64 B = 256 KiB stays in L2
 constexpr int kStepElems = 16;     // fp32 elements per block and k-step (kBlockedF32)
 constexpr int kPairElems = 32;     // elements per block and k-pair (kBlockedBF16, kBlockedInt8)
+constexpr int kQuadElems = 64;     // elements per block and k-quad (kBlockedInt8x4)
 constexpr int kInt32Steps = 128;   // k-pairs per int32 sum: 128 x 2 x 32767 x 127 < 2^31, so it cannot overflow
 constexpr float kInt16Max = 32767.0f;
+constexpr float kInt8Max = 127.0f;
+constexpr int32_t kInt8x4Offset = 128;  // kBlockedInt8x4 holds q + 128
 
 inline int32_t load_pair(const uint16_t* p) { int32_t v; std::memcpy(&v, p, 4); return v; }
 
@@ -183,6 +187,42 @@ LLADA_AVX512_VNNI void tile(float* c, bool accumulate, const int16_t* x, int64_t
   }
 }
 
+// The W8A8 twin: x rows are int8 (x quantized per row), each block [steps][16][4] uint8 (q + 128); one vpdpbusd adds
+// the 4 products x[4s + e] (q[4s + e] + 128) exactly to each of 16 int32 column sums. The sums stay int32 across tile
+// calls (c holds int32 here; K <= kLinearInt8x4MaxK, so they cannot overflow); store_panel removes the offset.
+template <int R>
+LLADA_AVX512_VNNI void tile(float* c, bool accumulate, const int8_t* x, int64_t ldx, const uint8_t* w, int64_t bs,
+                            int steps, Prefetch& pf) {
+  int32_t* ci = reinterpret_cast<int32_t*>(c);
+  __v16si acc[R][kPanelBlocks];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < kPanelBlocks; ++j)
+      acc[r][j] = accumulate ? (__v16si)_mm512_loadu_si512(ci + r * kLinearPanelN + 16 * j) : __v16si{};
+  for (int s = 0; s < steps; ++s) {
+    pf.step();
+    const uint8_t* ws = w + static_cast<int64_t>(s) * kQuadElems;
+    const __v16si w0 = (__v16si)_mm512_loadu_si512(ws), w1 = (__v16si)_mm512_loadu_si512(ws + bs),
+                  w2 = (__v16si)_mm512_loadu_si512(ws + 2 * bs), w3 = (__v16si)_mm512_loadu_si512(ws + 3 * bs);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      int32_t quad;
+      std::memcpy(&quad, x + r * ldx + 4 * s, 4);
+      const __v16si xb = __v16si{} + quad;
+      // the unsigned operand first: the weights
+      acc[r][0] = __builtin_ia32_vpdpbusd_v16si(acc[r][0], w0, xb);
+      acc[r][1] = __builtin_ia32_vpdpbusd_v16si(acc[r][1], w1, xb);
+      acc[r][2] = __builtin_ia32_vpdpbusd_v16si(acc[r][2], w2, xb);
+      acc[r][3] = __builtin_ia32_vpdpbusd_v16si(acc[r][3], w3, xb);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < kPanelBlocks; ++j) _mm512_storeu_si512(ci + r * kLinearPanelN + 16 * j, (__m512i)acc[r][j]);
+}
+
 template <class Fn>
 void dispatch_rows(int rows, Fn&& fn) {
   switch (rows) {
@@ -198,10 +238,12 @@ void dispatch_rows(int rows, Fn&& fn) {
 // What every thread of one call shares.
 struct Job {
   const LinearParams* p;
-  const void* x;     // kBlockedF32: fp32 x; kBlockedBF16: bf16 x, kBlockedInt8: int16 x, rows of an even length
+  const void* x;     // kBlockedF32: fp32 x; kBlockedBF16: bf16 x, kBlockedInt8: int16 x, rows of an even length;
+                     // kBlockedInt8x4: int8 x, rows of a length divisible by 4
   int64_t ldx;       // elements
-  int64_t steps;     // k-steps of the layout: K (fp32) or ceil(K / 2)
-  const float* x_scale;  // kBlockedInt8: (M,) the per-row scales of the int16 x
+  int64_t steps;     // k-steps of the layout: K (fp32), ceil(K / 2) or ceil(K / 4) (kBlockedInt8x4)
+  const float* x_scale;  // kBlockedInt8, kBlockedInt8x4: (M,) the per-row scales of the quantized x
+  const int32_t* x_sum;  // kBlockedInt8x4: (M,) sum_k of each quantized row, for the weights' +128 offset
 };
 
 // M rows split into ceil(M / 6) tiles of nearly equal height (32 rows: 6 6 5 5 5 5, not 6 6 6 6 6 2).
@@ -225,14 +267,22 @@ LLADA_AVX512 __m256i to_bf16(__m512 v) {
 }
 
 // The panel's columns of out from its sums c (M x 64), times x_scale[m] scale[n] when x_scale is given (int8), in
-// x_dtype; columns past N are not written.
-LLADA_AVX512 void store_panel(const LinearParams& p, int64_t panel, const float* c, const float* x_scale) {
+// x_dtype; columns past N are not written. With x_sum (kBlockedInt8x4) c holds int32 sums of x (q + 128), and
+// 128 x_sum[m] is taken off in int32 first, so the integer dot product is exact before the scales.
+LLADA_AVX512 void store_panel(const LinearParams& p, int64_t panel, const float* c, const float* x_scale,
+                              const int32_t* x_sum) {
   for (int m = 0; m < p.M; ++m) {
     for (int j = 0; j < kPanelBlocks; ++j) {
       const int64_t n = panel * kLinearPanelN + 16 * j;
       if (n >= p.N) break;
       const __mmask16 mask = p.N - n >= 16 ? 0xffff : static_cast<__mmask16>((1u << (p.N - n)) - 1);
-      __m512 v = _mm512_loadu_ps(c + m * kLinearPanelN + 16 * j);
+      __m512 v;
+      if (x_sum) {
+        const __m512i sums = _mm512_loadu_si512(reinterpret_cast<const int32_t*>(c) + m * kLinearPanelN + 16 * j);
+        v = _mm512_cvtepi32_ps(_mm512_sub_epi32(sums, _mm512_set1_epi32(kInt8x4Offset * x_sum[m])));
+      } else {
+        v = _mm512_loadu_ps(c + m * kLinearPanelN + 16 * j);
+      }
       if (x_scale)
         v = _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(x_scale[m])), _mm512_maskz_loadu_ps(mask, p.scale_ptr + n));
       if (p.x_dtype == DType::kFloat32)
@@ -245,17 +295,19 @@ LLADA_AVX512 void store_panel(const LinearParams& p, int64_t panel, const float*
 
 // A layout as the panel loop sees it: element types of W and x, elements per block and k-step of W and of x, k-steps
 // per tile call (int8: the int32 sums are flushed every kInt32Steps); the tile kernel is the overload of tile<R> for
-// these pointer types, and int8 output is scaled.
+// these pointer types, and int8 output is scaled (W8A8: uint8 weights with the +128 offset, int32 sums throughout).
 template <class W_, class X_, int kStepW_, int kStepX_, int kTileSteps_>
 struct Layout {
   using W = W_;
   using X = X_;
   static constexpr int kStepW = kStepW_, kStepX = kStepX_, kTileSteps = kTileSteps_;
-  static constexpr bool kScaled = std::is_same<W, int8_t>::value;
+  static constexpr bool kOffset = std::is_same<W, uint8_t>::value;
+  static constexpr bool kScaled = std::is_same<W, int8_t>::value || kOffset;
 };
 using F32Layout = Layout<float, float, kStepElems, 1, kChunkSteps>;
 using BF16Layout = Layout<uint16_t, uint16_t, kPairElems, 2, kChunkSteps>;
 using Int8Layout = Layout<int8_t, int16_t, kPairElems, 2, kInt32Steps>;
+using Int8x4Layout = Layout<uint8_t, int8_t, kQuadElems, 4, kChunkSteps>;
 
 // One 64-column panel: its K-chunks in turn, each through every row tile (the next chunk prefetched meanwhile), then
 // the panel's columns of out.
@@ -279,7 +331,7 @@ void run_panel(const Job& job, int64_t panel, int64_t panel_end, float* c) {
       });
     });
   }
-  store_panel(p, panel, c, L::kScaled ? job.x_scale : nullptr);
+  store_panel(p, panel, c, L::kScaled ? job.x_scale : nullptr, L::kOffset ? job.x_sum : nullptr);
 }
 
 // 16 elements of an fp32 or bf16 row from k (masked past K) as fp32.
@@ -289,24 +341,35 @@ LLADA_AVX512_VNNI __m512 load_x16(const void* src, DType dtype, int k, __mmask16
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-// Row m of x quantized to int16: scale = max |x| / 32767, q = round(x / scale) (half to even); dst holds 2 K2 elements
-// (the last one zero when K is odd). An all-zero row gets scale 0.
-LLADA_AVX512_VNNI void x_row_to_int16(int16_t* dst, float* scale, const void* src, DType dtype, int K) {
+// Row m of x quantized to Q (int16 or int8): scale = max |x| / qmax, q = round(x / scale) (half to even), |q| <= qmax;
+// dst holds `padded` elements (zero past K); *sum = sum_k q (int8 only: the kBlockedInt8x4 offset correction). An
+// all-zero row gets scale 0.
+template <class Q>
+LLADA_AVX512_VNNI void x_row_quantize(Q* dst, float* scale, int32_t* sum, const void* src, DType dtype, int K,
+                                      int padded) {
+  constexpr float qmax = std::is_same<Q, int16_t>::value ? kInt16Max : kInt8Max;
   __m512 amax = _mm512_setzero_ps();
   for (int k = 0; k < K; k += 16) {
     const __mmask16 mask = K - k >= 16 ? 0xffff : static_cast<__mmask16>((1u << (K - k)) - 1);
     amax = _mm512_max_ps(amax, _mm512_abs_ps(load_x16(src, dtype, k, mask)));
   }
   const float m = _mm512_reduce_max_ps(amax);
-  *scale = m / kInt16Max;
-  const __m512 inv = _mm512_set1_ps(m > 0.0f ? kInt16Max / m : 0.0f);
+  *scale = m / qmax;
+  const __m512 inv = _mm512_set1_ps(m > 0.0f ? qmax / m : 0.0f);
+  __m512i total = _mm512_setzero_si512();
   for (int k = 0; k < K; k += 16) {
     const __mmask16 mask = K - k >= 16 ? 0xffff : static_cast<__mmask16>((1u << (K - k)) - 1);
     const __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(load_x16(src, dtype, k, mask), inv),
                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm256_mask_storeu_epi16(dst + k, mask, _mm512_cvtsepi32_epi16(q));
+    if constexpr (std::is_same<Q, int16_t>::value) {
+      _mm256_mask_storeu_epi16(dst + k, mask, _mm512_cvtsepi32_epi16(q));
+    } else {
+      _mm_mask_storeu_epi8(dst + k, mask, _mm512_cvtsepi32_epi8(q));
+      total = _mm512_add_epi32(total, q);  // masked-off lanes loaded as 0, so they add 0
+    }
   }
-  if (K % 2) dst[K] = 0;
+  for (int k = K; k < padded; ++k) dst[k] = 0;
+  if (sum) *sum = _mm512_reduce_add_epi32(total);
 }
 
 // Row m of bf16 x copied into dst with a zero after an odd K (the pair kernels read k-pairs).
@@ -329,7 +392,8 @@ bool linear_cpu_supports(WeightLayout layout) {
   switch (layout) {
     case WeightLayout::kBlockedF32: return avx512;
     case WeightLayout::kBlockedBF16: return avx512 && f.avx512bf16;
-    case WeightLayout::kBlockedInt8: return avx512 && f.avx512vnni;
+    case WeightLayout::kBlockedInt8:
+    case WeightLayout::kBlockedInt8x4: return avx512 && f.avx512vnni;
     default: return false;
   }
 }
@@ -338,40 +402,56 @@ void linear_cpu(const LinearParams& p) {
   if (!linear_cpu_supports(p.layout))
     throw std::invalid_argument("llada_rt linear: this CPU lacks the instructions of weight layout " +
                                 std::to_string(static_cast<int>(p.layout)) + " (AVX-512F; AVX-512 BF16 for bf16, "
-                                "AVX-512 VNNI for int8)");
+                                "AVX-512 VNNI for int8 and W8A8)");
   if (p.layout == WeightLayout::kBlockedF32 && p.x_dtype != DType::kFloat32)
     throw std::invalid_argument("llada_rt linear: the fp32 weight layout takes fp32 activations");
   if (p.layout == WeightLayout::kBlockedBF16 && p.x_dtype != DType::kBFloat16)
     throw std::invalid_argument("llada_rt linear: the bf16 weight layout takes bf16 activations");
-  if (p.layout == WeightLayout::kBlockedInt8 && p.x_dtype == DType::kFloat16)
-    throw std::invalid_argument("llada_rt linear: the int8 weight layout takes fp32 or bf16 activations");
-  if (p.layout == WeightLayout::kBlockedInt8 && p.scale_ptr == nullptr)
-    throw std::invalid_argument("llada_rt linear: the int8 weight layout needs its scales");
+  const bool int8 = p.layout == WeightLayout::kBlockedInt8, int8x4 = p.layout == WeightLayout::kBlockedInt8x4;
+  if ((int8 || int8x4) && p.x_dtype == DType::kFloat16)
+    throw std::invalid_argument("llada_rt linear: the int8 weight layouts take fp32 or bf16 activations");
+  if ((int8 || int8x4) && p.scale_ptr == nullptr)
+    throw std::invalid_argument("llada_rt linear: the int8 weight layouts need their scales");
+  if (int8x4 && p.K > kLinearInt8x4MaxK)
+    throw std::invalid_argument("llada_rt linear: the W8A8 layout sums in int32 over K <= " +
+                                std::to_string(kLinearInt8x4MaxK) + ", got K = " + std::to_string(p.K) +
+                                "; use the int8 layout with int16 activations");
   if (p.M <= 0 || p.N <= 0) return;
   const int64_t panels = (p.N + kLinearPanelN - 1) / kLinearPanelN;
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(p.n_threads, panels)));
-  const bool f32 = p.layout == WeightLayout::kBlockedF32, int8 = p.layout == WeightLayout::kBlockedInt8;
-  const int64_t K2 = (p.K + 1) / 2;
-  Job job{&p, p.x_ptr, p.x_stride, f32 ? p.K : K2, nullptr};
-  // the pair kernels read x in k-pairs: int8 quantizes x to int16 rows, bf16 pads odd-K rows with a zero
-  const bool copy_x = int8 || (!f32 && p.K % 2);
+  const bool f32 = p.layout == WeightLayout::kBlockedF32;
+  const int64_t K2 = (p.K + 1) / 2, K4 = (p.K + 3) / 4;
+  Job job{&p, p.x_ptr, p.x_stride, f32 ? p.K : int8x4 ? K4 : K2, nullptr, nullptr};
+  // the pair kernels read x in k-pairs: int8 quantizes x to int16 rows, bf16 pads odd-K rows with a zero; W8A8
+  // quantizes x to int8 rows padded to k-quads
+  const bool copy_x = int8 || int8x4 || (!f32 && p.K % 2);
   static thread_local std::vector<uint16_t> x_buf;
   static thread_local std::vector<float> x_scale_buf;
+  static thread_local std::vector<int32_t> x_sum_buf;
   if (copy_x) {
-    job.x = grow(x_buf, static_cast<size_t>(p.M) * 2 * K2);
-    job.ldx = 2 * K2;
+    job.ldx = int8x4 ? 4 * K4 : 2 * K2;
+    job.x = grow(x_buf, static_cast<size_t>(p.M) * (int8x4 ? 2 * K4 : 2 * K2));  // 4 K4 int8 = 2 K4 uint16
   }
-  if (int8) job.x_scale = grow(x_scale_buf, static_cast<size_t>(p.M));
+  if (int8 || int8x4) job.x_scale = grow(x_scale_buf, static_cast<size_t>(p.M));
+  if (int8x4) job.x_sum = grow(x_sum_buf, static_cast<size_t>(p.M));
   const size_t elt = p.x_dtype == DType::kFloat32 ? 4 : 2;
 #pragma omp parallel num_threads(nt)
   {
     if (copy_x) {
 #pragma omp for schedule(static)
       for (int m = 0; m < p.M; ++m) {
-        uint16_t* dst = const_cast<uint16_t*>(static_cast<const uint16_t*>(job.x)) + m * job.ldx;
         const char* src = static_cast<const char*>(p.x_ptr) + m * p.x_stride * elt;
-        if (int8) x_row_to_int16(reinterpret_cast<int16_t*>(dst), const_cast<float*>(job.x_scale) + m, src, p.x_dtype, p.K);
-        else x_row_pad(dst, src, p.K);
+        float* scale = const_cast<float*>(job.x_scale) + m;
+        if (int8x4) {
+          int8_t* dst = const_cast<int8_t*>(static_cast<const int8_t*>(job.x)) + m * job.ldx;
+          x_row_quantize(dst, scale, const_cast<int32_t*>(job.x_sum) + m, src, p.x_dtype, p.K,
+                         static_cast<int>(job.ldx));
+        } else {
+          uint16_t* dst = const_cast<uint16_t*>(static_cast<const uint16_t*>(job.x)) + m * job.ldx;
+          if (int8) x_row_quantize(reinterpret_cast<int16_t*>(dst), scale, nullptr, src, p.x_dtype, p.K,
+                                   static_cast<int>(job.ldx));
+          else x_row_pad(dst, src, p.K);
+        }
       }
     }
     static thread_local std::vector<float> c_buf;
@@ -382,6 +462,7 @@ void linear_cpu(const LinearParams& p) {
     for (int64_t panel = first; panel < end; ++panel) {
       if (f32) run_panel<F32Layout>(job, panel, end, c);
       else if (int8) run_panel<Int8Layout>(job, panel, end, c);
+      else if (int8x4) run_panel<Int8x4Layout>(job, panel, end, c);
       else run_panel<BF16Layout>(job, panel, end, c);
     }
   }
