@@ -161,14 +161,17 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}", code="server_error"))
 
 
-def create_app(rt, settings: ServeSettings) -> Starlette:
-    """The server's ASGI app over a loaded Runtime; the engine thread runs from startup to shutdown (lifespan)."""
+def create_app(rt, settings: ServeSettings, engine_thread: bool = True) -> Starlette:
+    """The server's ASGI app over a loaded Runtime. engine_thread: the engine loop runs on a thread of its own from
+    startup to shutdown (lifespan); False: the caller runs it (app.state.scheduler.run_here()) and the shutdown
+    stops it."""
     st_metrics = Metrics()
     scheduler = Scheduler(rt, settings.max_rows, settings.max_queue, st_metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        scheduler.start()
+        if engine_thread:
+            scheduler.start()
         try:
             yield
         finally:

@@ -1,6 +1,11 @@
 """Scheduler: the one thread that drives the engine for the server. It admits queued rows first come first served (up
 to max_rows in flight), steps while any row is active, turns each step's events into stable-text updates for the
-waiting handlers, frees a row as soon as its text is final, and applies cancellations before the next step."""
+waiting handlers, frees a row as soon as its text is final, and applies cancellations before the next step.
+
+The engine runs either on a thread of its own (start()) or on the caller's thread (run_here()): the server process
+uses the thread that loaded the model, because libgomp gives every thread that starts parallel regions its own
+worker team, and two teams on a machine with as many cores as one team's threads throttle each other's spinning
+(every region then waits for its workers to wake up; measured ~1.5-2x slower steps on 2 cores)."""
 from __future__ import annotations
 
 import asyncio
@@ -98,10 +103,20 @@ class Scheduler:
         self._stopping = False
         self._service_s = 1.0                  # moving average of a row's time in flight (for Retry-After)
         self._thread = threading.Thread(target=self._run, name="llada-rt-engine", daemon=True)
+        self._started = False
+        self._done = threading.Event()          # set when the engine loop has returned (or failed)
 
     # -- the event loop's side ---------------------------------------------------------------------------------------
     def start(self) -> None:
+        """The engine loop on a thread of its own."""
+        self._started = True
         self._thread.start()
+
+    def run_here(self) -> None:
+        """The engine loop on the calling thread; returns once stop() was called and every accepted request is
+        answered (or raises what stopped the loop)."""
+        self._started = True
+        self._run()
 
     def submit(self, spec: JobSpec, endpoint: str) -> Job:
         """Queues a request (called on the event loop); raises APIError 429 when the queue is full, 503 when
@@ -138,8 +153,8 @@ class Scheduler:
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        if self._thread.is_alive():
-            self._thread.join()
+        if self._started:
+            self._done.wait()
 
     @property
     def rows_in_flight(self) -> int:
@@ -162,7 +177,7 @@ class Scheduler:
     def _run(self) -> None:
         try:
             self._loop()
-        except BaseException as e:   # the thread cannot go on: nobody must wait for it
+        except BaseException as e:   # the loop cannot go on: nobody must wait for it
             with self._cond:
                 self._stopping = True
                 error = APIError(500, f"the engine thread stopped: {type(e).__name__}: {e}", code="engine_error")
@@ -172,6 +187,8 @@ class Scheduler:
                 self._queue.clear()
                 self._accepted = 0
             raise
+        finally:
+            self._done.set()
 
     def _loop(self) -> None:
         engine = self.rt.engine

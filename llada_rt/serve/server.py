@@ -13,24 +13,51 @@ from .protocol import ServeSettings
 
 
 def run(rt, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serves until SIGTERM or Ctrl-C. uvicorn closes the listening socket and waits for open responses (no
-    timeout), then the app's shutdown waits for the engine thread."""
+    """Serves until SIGTERM or Ctrl-C (a second Ctrl-C stops without waiting). uvicorn closes the listening socket
+    and waits for open responses (no timeout), then the app's shutdown stops the engine loop.
+
+    The engine loop runs on this thread (the one that loaded the model) and uvicorn on another: see
+    scheduler.py for why the engine must not run on a second thread next to the one that loaded it. Ctrl-C ends
+    with KeyboardInterrupt once drained; a failure to start (the port is taken) is raised here."""
     import uvicorn
 
-    app = create_app(rt, settings)
+    app = create_app(rt, settings, engine_thread=False)
+    scheduler = app.state.scheduler
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=None)
     server = uvicorn.Server(config)
-    # uvicorn handles SIGTERM while it serves, then re-raises it once it is done; after the drain the process has
-    # finished its work, so that re-raise must not kill it with status 143 (and one during startup still stops it).
-    def on_term(signum, frame):
+    failure: list[BaseException] = []
+    interrupted: list[int] = []
+
+    def http() -> None:
+        try:
+            server.run()                        # not the main thread: uvicorn installs no signal handlers
+        except BaseException as e:             # e.g. SystemExit(1) when the port is taken
+            failure.append(e)
+        finally:
+            scheduler.stop()                    # the engine loop returns (also when startup failed)
+
+    def on_signal(signum, frame):
+        if signum == signal.SIGINT:
+            if interrupted:
+                server.force_exit = True
+            interrupted.append(signum)
         server.should_exit = True
 
-    previous = signal.signal(signal.SIGTERM, on_term)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    thread = threading.Thread(target=http, name="llada-rt-http")
+    thread.start()
     try:
-        server.run()
+        scheduler.run_here()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        server.should_exit = True               # the engine loop failed: stop serving too
+        thread.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if failure and not (isinstance(failure[0], SystemExit) and not failure[0].code):
+        raise failure[0]
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
