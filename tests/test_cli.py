@@ -294,3 +294,24 @@ def test_chat_keeps_the_session_when_the_history_outgrows_the_context(tmp_path, 
     assert users == [lines[0], lines[1], lines[2], lines[3], lines[4], lines[6]]
     assert seen[-1] == [lines[6]]                # after /reset: the new message alone
     assert seen[4][0] != lines[0]                # by d, the oldest turns had been left out of the history kept
+
+
+def test_bench_packing_and_threads(capsys):
+    """The packing benchmark runs both forwards and finds their logits equal; the threads benchmark reports the
+    step from both threads for every row count asked for."""
+    import torch
+
+    import bench_packing
+    import bench_threads
+    threads = torch.get_num_threads()
+    try:
+        assert bench_packing.main(["--rows", "3", "--repeat", "1", "--threads", "1"]) == 0
+        out = capsys.readouterr().out
+        print(out)
+        assert "max |logits padded - packed| = 0\n" in out and "packed is" in out
+        assert bench_threads.main(["--rows", "1,2", "--repeat", "1", "--threads", "1"]) == 0
+        out = capsys.readouterr().out
+        print(out)
+        assert out.count("loading thread") == 2 and "rows 2:" in out
+    finally:
+        torch.set_num_threads(threads)
