@@ -146,9 +146,60 @@ LLADA_AVX512_BF16 void tile(float* c, bool accumulate, const uint16_t* x, int64_
   store_sums<R>(c, acc);
 }
 
-// The int8 twin: x rows are int16 (x quantized per row), each block [steps][16][2] int8, sign-extended to int16 as
-// loaded; one vpdpwssd adds x[2s] q[2s] + x[2s+1] q[2s+1] exactly to each of 16 int32 column sums. steps <=
-// kInt32Steps, so the sums cannot overflow; they are added to the fp32 c at the end.
+// The integer twins share one loop over k-steps: per step, the panel's four 16-lane weight vectors (Int::load) and,
+// per row, that row's 4 bytes of x for the step broadcast to every lane; Int::dot adds the products exactly into the
+// int32 column sums acc.
+template <int R, class Int>
+LLADA_AVX512_VNNI LLADA_ALWAYS_INLINE void int_steps(__v16si (&acc)[R][kPanelBlocks], const typename Int::X* x,
+                                                     int64_t ldx, const typename Int::W* w, int64_t bs, int steps,
+                                                     Prefetch& pf) {
+  for (int s = 0; s < steps; ++s) {
+    pf.step();
+    const typename Int::W* ws = w + static_cast<int64_t>(s) * Int::kStepElems;
+    const __v16si w0 = Int::load(ws), w1 = Int::load(ws + bs), w2 = Int::load(ws + 2 * bs),
+                  w3 = Int::load(ws + 3 * bs);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      int32_t word;
+      std::memcpy(&word, x + r * ldx + Int::kPerStep * s, 4);
+      const __v16si xb = __v16si{} + word;
+      acc[r][0] = Int::dot(acc[r][0], xb, w0);
+      acc[r][1] = Int::dot(acc[r][1], xb, w1);
+      acc[r][2] = Int::dot(acc[r][2], xb, w2);
+      acc[r][3] = Int::dot(acc[r][3], xb, w3);
+    }
+  }
+}
+
+// int16 x (x quantized per row to int16), blocks [steps][16][2] int8 sign-extended to int16 as loaded: one vpdpwssd
+// adds x[2s] q[2s] + x[2s+1] q[2s+1] to each of 16 column sums.
+struct Int16Pairs {
+  using X = int16_t;
+  using W = int8_t;
+  static constexpr int kStepElems = kPairElems, kPerStep = 2;
+  LLADA_AVX512_VNNI LLADA_ALWAYS_INLINE static __v16si load(const int8_t* p) {
+    return (__v16si)_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  LLADA_AVX512_VNNI LLADA_ALWAYS_INLINE static __v16si dot(__v16si acc, __v16si xb, __v16si w) {
+    return __builtin_ia32_vpdpwssd_v16si(acc, xb, w);
+  }
+};
+
+// int8 x (W8A8), blocks [steps][16][4] uint8 (q + 128): one vpdpbusd adds the 4 products x[4s + e] (q[4s + e] + 128)
+// to each of 16 column sums (the unsigned operand first: the weights).
+struct Int8Quads {
+  using X = int8_t;
+  using W = uint8_t;
+  static constexpr int kStepElems = kQuadElems, kPerStep = 4;
+  LLADA_AVX512_VNNI LLADA_ALWAYS_INLINE static __v16si load(const uint8_t* p) {
+    return (__v16si)_mm512_loadu_si512(p);
+  }
+  LLADA_AVX512_VNNI LLADA_ALWAYS_INLINE static __v16si dot(__v16si acc, __v16si xb, __v16si w) {
+    return __builtin_ia32_vpdpbusd_v16si(acc, w, xb);
+  }
+};
+
+// The int8 twin (int16 x): steps <= kInt32Steps, so the sums cannot overflow; they are added to the fp32 c at the end.
 template <int R>
 LLADA_AVX512_VNNI void tile(float* c, bool accumulate, const int16_t* x, int64_t ldx, const int8_t* w, int64_t bs,
                                int steps, Prefetch& pf) {
@@ -158,24 +209,7 @@ LLADA_AVX512_VNNI void tile(float* c, bool accumulate, const int16_t* x, int64_t
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int j = 0; j < kPanelBlocks; ++j) acc[r][j] = __v16si{};
-  for (int s = 0; s < steps; ++s) {
-    pf.step();
-    const int8_t* ws = w + static_cast<int64_t>(s) * kPairElems;
-    const __v16si w0 = (__v16si)_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws))),
-                  w1 = (__v16si)_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + bs))),
-                  w2 = (__v16si)_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + 2 * bs))),
-                  w3 = (__v16si)_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + 3 * bs)));
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, x + r * ldx + 2 * s, 4);
-      const __v16si xb = __v16si{} + pair;
-      acc[r][0] = __builtin_ia32_vpdpwssd_v16si(acc[r][0], xb, w0);
-      acc[r][1] = __builtin_ia32_vpdpwssd_v16si(acc[r][1], xb, w1);
-      acc[r][2] = __builtin_ia32_vpdpwssd_v16si(acc[r][2], xb, w2);
-      acc[r][3] = __builtin_ia32_vpdpwssd_v16si(acc[r][3], xb, w3);
-    }
-  }
+  int_steps<R, Int16Pairs>(acc, x, ldx, w, bs, steps, pf);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
@@ -187,9 +221,8 @@ LLADA_AVX512_VNNI void tile(float* c, bool accumulate, const int16_t* x, int64_t
   }
 }
 
-// The W8A8 twin: x rows are int8 (x quantized per row), each block [steps][16][4] uint8 (q + 128); one vpdpbusd adds
-// the 4 products x[4s + e] (q[4s + e] + 128) exactly to each of 16 int32 column sums. The sums stay int32 across tile
-// calls (c holds int32 here; K <= kLinearInt8x4MaxK, so they cannot overflow); store_panel removes the offset.
+// The W8A8 twin (int8 x): the sums stay int32 across tile calls (c holds int32 here; K <= kLinearInt8x4MaxK, so they
+// cannot overflow); store_panel removes the offset.
 template <int R>
 LLADA_AVX512_VNNI void tile(float* c, bool accumulate, const int8_t* x, int64_t ldx, const uint8_t* w, int64_t bs,
                             int steps, Prefetch& pf) {
@@ -200,23 +233,7 @@ LLADA_AVX512_VNNI void tile(float* c, bool accumulate, const int8_t* x, int64_t 
 #pragma GCC unroll 4
     for (int j = 0; j < kPanelBlocks; ++j)
       acc[r][j] = accumulate ? (__v16si)_mm512_loadu_si512(ci + r * kLinearPanelN + 16 * j) : __v16si{};
-  for (int s = 0; s < steps; ++s) {
-    pf.step();
-    const uint8_t* ws = w + static_cast<int64_t>(s) * kQuadElems;
-    const __v16si w0 = (__v16si)_mm512_loadu_si512(ws), w1 = (__v16si)_mm512_loadu_si512(ws + bs),
-                  w2 = (__v16si)_mm512_loadu_si512(ws + 2 * bs), w3 = (__v16si)_mm512_loadu_si512(ws + 3 * bs);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      int32_t quad;
-      std::memcpy(&quad, x + r * ldx + 4 * s, 4);
-      const __v16si xb = __v16si{} + quad;
-      // the unsigned operand first: the weights
-      acc[r][0] = __builtin_ia32_vpdpbusd_v16si(acc[r][0], w0, xb);
-      acc[r][1] = __builtin_ia32_vpdpbusd_v16si(acc[r][1], w1, xb);
-      acc[r][2] = __builtin_ia32_vpdpbusd_v16si(acc[r][2], w2, xb);
-      acc[r][3] = __builtin_ia32_vpdpbusd_v16si(acc[r][3], w3, xb);
-    }
-  }
+  int_steps<R, Int8Quads>(acc, x, ldx, w, bs, steps, pf);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
