@@ -78,6 +78,33 @@ def run_round(base_url: str, model: str, prompts: list[str], clients: int, max_t
             "texts": [r["text"] for r in out]}
 
 
+def engine_counters(base_url: str) -> dict | None:
+    """The server's engine step series (llada_rt_engine_step_seconds / _rows sums and counts) from /metrics, or None
+    when the server has none (another server, or an older llada_rt)."""
+    import re
+    import urllib.request
+
+    with urllib.request.urlopen(base_url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    out = {}
+    for key, name in (("steps", "llada_rt_engine_step_seconds_count"), ("seconds", "llada_rt_engine_step_seconds_sum"),
+                      ("rows", "llada_rt_engine_step_rows_sum")):
+        m = re.search("^" + re.escape(name) + r" (\S+)$", text, re.M)
+        if m is None:
+            return None
+        out[key] = float(m.group(1))
+    return out
+
+
+def engine_share(before: dict | None, after: dict | None) -> dict:
+    """ms per engine step and rows per step between two engine_counters readings (empty when unknown)."""
+    if before is None or after is None or after["steps"] <= before["steps"]:
+        return {}
+    n = after["steps"] - before["steps"]
+    return {"engine_steps": n, "engine_ms_per_step": 1e3 * (after["seconds"] - before["seconds"]) / n,
+            "engine_rows_per_step": (after["rows"] - before["rows"]) / n}
+
+
 @contextlib.contextmanager
 def local_server(args):
     """`llada-rt serve` in a subprocess on a free loopback port (its own process, so that the clients here do not
@@ -170,16 +197,20 @@ def main(argv=None) -> int:
         print("# " + "  ".join(f"{k}={v}" for k, v in info.items()), flush=True)
         run_round(base, name, prompts[:min(4, len(prompts))], min(args.clients, 4), args.max_tokens, extra)  # warm-up
         print(f"{'round':<6}{'serving':<14}{'req/s':>8}{'out tok/s':>11}{'ttft p50':>10}{'ttft p99':>10}"
-              f"{'lat p50':>9}{'lat p99':>9}{'span s':>8}", flush=True)
+              f"{'lat p50':>9}{'lat p99':>9}{'span s':>8}{'ms/step':>9}{'rows/step':>10}", flush=True)
         rounds = []
         for r in range(args.rounds):
             pair = {}
             for label, clients in (("one at a time", 1), (f"{args.clients} clients", args.clients)):
+                before = engine_counters(base)
                 res = run_round(base, name, prompts, clients, args.max_tokens, extra)
+                res |= engine_share(before, engine_counters(base))   # the server's own step timing
                 pair["sequential" if clients == 1 else "concurrent"] = res
+                eng = f"{res['engine_ms_per_step']:>9.2f}{res['engine_rows_per_step']:>10.2f}" if "engine_steps" in res \
+                    else f"{'-':>9}{'-':>10}"
                 print(f"{r:<6}{label:<14}{res['requests_per_s']:>8.2f}{res['output_tokens_per_s']:>11.1f}"
                       f"{res['ttft_p50_s']:>10.3f}{res['ttft_p99_s']:>10.3f}{res['latency_p50_s']:>9.3f}"
-                      f"{res['latency_p99_s']:>9.3f}{res['span_s']:>8.2f}", flush=True)
+                      f"{res['latency_p99_s']:>9.3f}{res['span_s']:>8.2f}{eng}", flush=True)
             pair["speedup"] = pair["concurrent"]["requests_per_s"] / pair["sequential"]["requests_per_s"]
             pair["identical"] = pair["concurrent"]["texts"] == pair["sequential"]["texts"]
             rounds.append(pair)

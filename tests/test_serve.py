@@ -538,6 +538,8 @@ def test_concurrent_load_equals_solo_and_metrics_count(ref, ckpt):
         ttft_n = metric(base, "llada_rt_time_to_first_token_seconds_count")
         forwards = metric(base, "llada_rt_forwards_total")
         steps = metric(base, "llada_rt_engine_steps_total")
+        step_n, step_s = metric(base, "llada_rt_engine_step_seconds_count"), metric(base, "llada_rt_engine_step_seconds_sum")
+        rows_n, rows_sum = metric(base, "llada_rt_engine_step_rows_count"), metric(base, "llada_rt_engine_step_rows_sum")
         in_flight, depth = metric(base, "llada_rt_rows_in_flight"), metric(base, "llada_rt_queue_depth")
     wrong = []
     for job, got in zip(jobs, results):
@@ -550,6 +552,10 @@ def test_concurrent_load_equals_solo_and_metrics_count(ref, ckpt):
     assert completed == latency_n == ttft_n == len(jobs)
     assert in_flight == 0 and depth == 0
     assert forwards >= steps > 0
+    # every step timed, within the load's wall time; rows per step between 1 and max_rows, above 1 on average
+    print(f"{step_s / step_n * 1e3:.1f} ms and {rows_sum / rows_n:.2f} rows per step")
+    assert step_n == rows_n == steps and 0 < step_s < elapsed
+    assert steps <= rows_sum <= 6 * steps and rows_sum > 1.5 * steps
     # continuous batching: far fewer steps than the requests' steps one at a time
     assert steps < sum(-(-j["max_tokens"] // 8) * 8 for j in jobs) / 2
 
@@ -630,3 +636,20 @@ def test_no_op_values_of_unsupported_fields_are_accepted(ref, client):
                                        tools=[], stream=False)
     print(repr(r.choices[0].message.content), want)
     assert (r.choices[0].message.content, r.choices[0].finish_reason) == want[:2]
+
+
+def test_bench_serve_round_and_engine_share(ckpt):
+    """bench_serve's closed-loop round against a live server, and the engine step timing it reads from /metrics:
+    one client gives one row per step, the steps counted are the server's own."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import bench_serve
+    with serving(ckpt, max_rows=4) as (base, app):
+        before = bench_serve.engine_counters(base)
+        res = bench_serve.run_round(base, MODEL, ["Reverse the string: abc", "Sort the digits: 3 1 2"], 1, 8, {})
+        share = bench_serve.engine_share(before, bench_serve.engine_counters(base))
+        steps = metric(base, "llada_rt_engine_steps_total")
+    print(res["requests_per_s"], share)
+    assert res["requests"] == 2 and res["output_tokens"] > 0
+    assert share["engine_steps"] == steps - before["steps"] > 0
+    assert share["engine_rows_per_step"] == 1.0 and share["engine_ms_per_step"] > 0
+    assert bench_serve.engine_share(before, before) == {}

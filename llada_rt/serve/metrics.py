@@ -12,6 +12,9 @@ OUTCOMES = ("completed", "cancelled", "rejected", "invalid", "error")
 # seconds; a step of LLaDA-8B on a GPU is tens of milliseconds, a long CPU answer minutes
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 600)
 RATE_WINDOW_S = 10.0
+# seconds of one engine step: ~1 ms (a small model's cached step on a GPU) to seconds (a long CPU canvas)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
@@ -32,6 +35,10 @@ class Metrics:
                                  registry=r)
         self.forwards = Counter("llada_rt_forwards", "model forward passes run by the engine", registry=r)
         self.steps = Counter("llada_rt_engine_steps", "engine steps (each advances every row in flight)", registry=r)
+        self.step_seconds = Histogram("llada_rt_engine_step_seconds", "wall time of one engine step (its forwards, "
+                                      "confidence, remask and bookkeeping)", buckets=STEP_BUCKETS, registry=r)
+        self.step_rows = Histogram("llada_rt_engine_step_rows", "rows advanced by one engine step",
+                                   buckets=ROW_BUCKETS, registry=r)
         self.latency = Histogram("llada_rt_request_latency_seconds", "arrival to last byte of the answer",
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("llada_rt_time_to_first_token_seconds", "arrival to the first stable text sent (or to "
@@ -48,9 +55,11 @@ class Metrics:
             for outcome in OUTCOMES:
                 self.requests.labels(endpoint, outcome)
 
-    def step(self, committed: int, forwards: int) -> None:
+    def step(self, committed: int, forwards: int, seconds: float, rows: int) -> None:
         now = time.perf_counter()
         self.steps.inc()
+        self.step_seconds.observe(seconds)
+        self.step_rows.observe(rows)
         self.committed.inc(committed)
         self.forwards.inc(forwards)
         with self._lock:

@@ -202,13 +202,15 @@ class Scheduler:
                     self._cond.wait()
                     continue
             forwards = engine.forwards
+            t0 = time.perf_counter()
             try:
                 events = self.rt.step()
             except Exception as e:   # the step failed: every row in flight fails, the server goes on
                 self._fail_active(APIError(500, f"the engine step failed: {type(e).__name__}: {e}",
                                            code="engine_error"))
                 continue
-            self.metrics.step(sum(len(ev.positions or ()) for ev in events), engine.forwards - forwards)
+            self.metrics.step(sum(len(ev.positions or ()) for ev in events), engine.forwards - forwards,
+                              time.perf_counter() - t0, len(events))
             for ev in events:
                 row = self._active.get(ev.request.id)
                 if row is None:   # not this server's request (the engine is its own, so this is a caller's bug)
