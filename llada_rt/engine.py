@@ -254,12 +254,14 @@ class Engine:
         phase = PHASES[(mode, phase_name)]
         shift = self.family.logit_shift
         B = len(rows)
+        # each row's query window: its real columns; S, the padded window, is the longest
         if phase.window == "all":
-            S = max(r.length for r in rows)
+            real = [r.length for r in rows]
         elif phase.window == "suffix":
-            S = max(r.length - r.block_start + shift for r in rows)
+            real = [r.length - r.block_start + shift for r in rows]
         else:
-            S = N
+            real = [N] * B
+        S = max(real)
         cuda = self.device.type == "cuda"
         Bb = B
         if graph:   # fixed shapes for replay: row buckets of powers of two, windows rounded up
@@ -275,16 +277,10 @@ class Engine:
             if sel.size == 0:
                 sel = np.zeros(1, dtype=np.int64)   # a row of masked=False: computed, never committed
         M = int(sel.size)
-        # the real query columns of each row (its window clipped to its length): when some rows are shorter than
-        # the window, the forward runs its token-wise work on those columns only (ForwardBatch.pack); CUDA graphs
-        # keep the padded shapes, which replay needs
-        if phase.window == "all":
-            real = [r.length for r in rows]
-        elif phase.window == "suffix":
-            real = [r.length - r.block_start + shift for r in rows]
-        else:
-            real = [S] * B
-        real = [min(S, c) for c in real] + [S] * (Bb - B)
+        # when some rows are shorter than the window, the forward runs its token-wise work on their real columns
+        # only (ForwardBatch.pack); CUDA graphs keep the padded shapes, which replay needs (and pad no real column
+        # out: S only grows there)
+        real = real + [S] * (Bb - B)
         plan = self._plan(Bb, S, N, M, phase, cfg, slots, sel, None if graph or sum(real) == Bb * S else real)
         t0 = self.timer.start()
         if graph:
