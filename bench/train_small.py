@@ -93,6 +93,9 @@ class TrainConfig:
 
 # Fields that do not change the trained weights: a resumed run may set them anew.
 RUN_ONLY_FIELDS = ("stop_at", "eval_every", "eval_per_task", "state_every")
+# Fields that change the data from the resumed step on (a curriculum over a chain of resumed runs): a resumed run may
+# set them anew, and its stage records the value it ran with, so the chain of commands reproduces the weights.
+STAGE_FIELDS = ("task_weights",)
 
 QUICK = dict(d_model=64, n_layers=2, n_heads=1, mlp_hidden_size=128, steps=30, batch_size=16, lr=3e-3, warmup=5,
              eval_every=0, compile=0, gen_lengths=((32, 1.0),))
@@ -435,10 +438,10 @@ def load_state(path: Path, tc: TrainConfig) -> dict:
     sd = read_state(path)
     saved, asked = sd["train_config"], dataclasses.asdict(tc)
     diff = [f"{k}: saved {saved.get(k)!r}, asked {asked[k]!r}" for k in asked
-            if k not in RUN_ONLY_FIELDS and _plain(saved.get(k)) != _plain(asked[k])]
+            if k not in RUN_ONLY_FIELDS + STAGE_FIELDS and _plain(saved.get(k)) != _plain(asked[k])]
     if diff:
         raise ValueError(f"--resume {path}: the state belongs to another configuration ({'; '.join(diff)}); resume "
-                         f"with the same options (only {', '.join(RUN_ONLY_FIELDS)} may change)")
+                         f"with the same options (only {', '.join(RUN_ONLY_FIELDS + STAGE_FIELDS)} may change)")
     return sd
 
 
@@ -510,7 +513,8 @@ def train(tc: TrainConfig, out: Path, log=print, command: str | None = None, ini
         log(f"resumed {state} at step {trainer.step} of {tc.steps}")
     log(f"model: d_model={cfg.d_model} layers={cfg.n_layers} heads={cfg.n_heads} (head_dim {cfg.head_dim}) "
         f"mlp={cfg.mlp_hidden_size} vocab={cfg.vocab_size} params={w.num_parameters():,}; train: {tc}")
-    stage = {"command": command, "first_step": trainer.step + 1, "steps": 0, "train_s": 0.0, "cpu_s": 0.0}
+    stage = {"command": command, "first_step": trainer.step + 1, "steps": 0, "train_s": 0.0, "cpu_s": 0.0,
+             **{k: getattr(tc, k) for k in STAGE_FIELDS}}
     clock["stages"].append(stage)
     t_wall, t_cpu = time.perf_counter(), cpu_seconds()
 

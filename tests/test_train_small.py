@@ -16,6 +16,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+import tasks  # noqa: E402
 import train_small  # noqa: E402
 
 
@@ -196,6 +197,29 @@ def test_resume_checks_the_state(tmp_path):
         train_small.train(tc, tmp_path / "b", log=quiet, state=ROOT / "llada_rt" / "models" / "x.pt")
     assert str(train_small.default_state_path(tmp_path / "b")).startswith(str(train_small.DEFAULT_STATE_DIR))
     assert train_small.default_state_path(tmp_path / "b") != train_small.default_state_path(tmp_path / "c")
+
+
+def test_a_resumed_stage_may_change_the_task_weights(tmp_path):
+    """--task-weights is a stage option: a resumed run may draw its tasks in new proportions from its step on (a
+    curriculum); the stage records them, the same chain of commands gives the same weights, and the stream's position
+    carries over to the new proportions."""
+    tc = train_small.TrainConfig(**{**train_small.QUICK, "steps": 6})
+    for name in ("a", "b"):
+        run(dataclasses.replace(tc, stop_at=3), tmp_path / name)
+        run(dataclasses.replace(tc, task_weights="reverse=1"), tmp_path / name, resume=True)
+    assert_same_run(tmp_path / "a", tmp_path / "b")
+    run(tc, tmp_path / "c")
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() != (tmp_path / "c" / "model.safetensors").read_bytes()
+    info = json.loads((tmp_path / "a" / "training.json").read_text())
+    print("stages", [(st["first_step"], st["steps"], st["task_weights"]) for st in info["stages"]])
+    assert [(st["first_step"], st["task_weights"]) for st in info["stages"]] == [(1, ""), (4, "reverse=1")]
+    assert info["train_config"]["task_weights"] == "reverse=1"
+    first = tasks.TrainStream(1)
+    drawn = [next(first).task for _ in range(20)]
+    assert len(set(drawn)) > 1
+    later = tasks.TrainStream(1, {"reverse": 1.0})
+    later.setstate(first.getstate())
+    assert {next(later).task for _ in range(50)} == {"reverse"}
 
 
 def script(*args):
