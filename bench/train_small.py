@@ -93,9 +93,11 @@ class TrainConfig:
 
 # Fields that do not change the trained weights: a resumed run may set them anew.
 RUN_ONLY_FIELDS = ("stop_at", "eval_every", "eval_per_task", "state_every")
-# Fields that change the data from the resumed step on (a curriculum over a chain of resumed runs): a resumed run may
-# set them anew, and its stage records the value it ran with, so the chain of commands reproduces the weights.
-STAGE_FIELDS = ("task_weights",)
+# Fields that change the run from the resumed step on: the task proportions (a curriculum over a chain of resumed
+# runs) and the schedule's length (steps may only grow: the cosine then runs over the new total, so the learning rate
+# rises to its value at the resumed step of the longer schedule, a warm restart). A resumed run may set them anew;
+# its stage records the values it ran with, so the chain of commands reproduces the weights.
+STAGE_FIELDS = ("task_weights", "steps")
 
 QUICK = dict(d_model=64, n_layers=2, n_heads=1, mlp_hidden_size=128, steps=30, batch_size=16, lr=3e-3, warmup=5,
              eval_every=0, compile=0, gen_lengths=((32, 1.0),))
@@ -442,6 +444,9 @@ def load_state(path: Path, tc: TrainConfig) -> dict:
     if diff:
         raise ValueError(f"--resume {path}: the state belongs to another configuration ({'; '.join(diff)}); resume "
                          f"with the same options (only {', '.join(RUN_ONLY_FIELDS + STAGE_FIELDS)} may change)")
+    if tc.steps < sd["step"]:
+        raise ValueError(f"--resume {path}: --steps {tc.steps} is below the {sd['step']} steps already run (a resumed "
+                         "run may lengthen its schedule, not shorten it)")
     return sd
 
 

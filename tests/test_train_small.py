@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -220,6 +221,21 @@ def test_a_resumed_stage_may_change_the_task_weights(tmp_path):
     later = tasks.TrainStream(1, {"reverse": 1.0})
     later.setstate(first.getstate())
     assert {next(later).task for _ in range(50)} == {"reverse"}
+
+
+def test_a_resumed_stage_may_lengthen_the_schedule(tmp_path):
+    """--steps may grow on --resume (the cosine then runs over the new total: a warm restart), never shrink."""
+    tc = train_small.TrainConfig(**{**train_small.QUICK, "steps": 4})
+    run(tc, tmp_path / "a")
+    longer = dataclasses.replace(tc, steps=8)
+    res = run(longer, tmp_path / "a", resume=True)
+    info = json.loads((tmp_path / "a" / "training.json").read_text())
+    print("steps", res["step"], [(st["first_step"], st["steps"]) for st in info["stages"]])
+    assert res["step"] == 8 and len(res["history"]) == 8 and info["train_config"]["steps"] == 8
+    lr_at = lambda c, step: train_small.Trainer.lr_at(types.SimpleNamespace(tc=c), step)  # noqa: E731
+    assert lr_at(longer, 5) > lr_at(tc, 4)  # the longer schedule's rate at the resumed step: a warm restart
+    with pytest.raises(ValueError, match="--steps 6 is below the 8 steps already run"):
+        run(dataclasses.replace(tc, steps=6), tmp_path / "a", resume=True)
 
 
 def script(*args):
