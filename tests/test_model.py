@@ -108,3 +108,37 @@ def test_packed_rows_of_different_lengths(loaded, backend, workspace):
                      for c0, c1 in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)))
         print(f"row {b} (length {n}): packed vs plain {err:.3g}, vs padded {err_pad:.3g}, cache K/V {kv_err:.3g}")
         assert err < 1e-4 and err_pad < 1e-5 and kv_err < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "ops"])
+@pytest.mark.parametrize("workspace", [False, True])
+def test_attention_segments(loaded, backend, workspace):
+    """ForwardBatch.attn_segments: packed rows of lengths 30, 29 | 13, 1 attending in two rectangles (2 x 30, 2 x 13)
+    give each row's logits alone, and the same as the one (4, 30) rectangle."""
+    from llada_rt.model import ForwardBatch, forward_batch
+    from llada_rt.workspace import Workspace
+    cfg, w, plain = loaded
+    lens, segments = [30, 29, 13, 1], ((2, 30), (2, 13))
+    B, S = len(lens), max(lens)
+    g = torch.Generator().manual_seed(6)
+    tokens = torch.randint(0, 100, (B, S), generator=g)
+    tokens[:, S // 3:] = cfg.mask_token_id
+    pos = torch.arange(S).expand(B, S).contiguous()
+    key_end = torch.tensor(lens, dtype=torch.int32)
+    pack = torch.cat([b * S + torch.arange(n) for b, n in enumerate(lens)])                  # (Q,)
+    starts = [0, 30, 60, 73]                                                                   # rows in the segments
+    attn_pack = torch.cat([s + torch.arange(n) for s, n in zip(starts, lens)])
+    ws = Workspace(torch.device("cpu")) if workspace else None
+    seg = forward_batch(cfg, w, ForwardBatch(tokens, pos, key_end=key_end, pack=pack, attn_segments=segments,
+                                             attn_pack=attn_pack), ws=ws, backend=backend).clone()
+    one = forward_batch(cfg, w, ForwardBatch(tokens, pos, key_end=key_end, pack=pack), backend=backend)
+    offs = [sum(lens[:b]) for b in range(B)]
+    for b, n in enumerate(lens):
+        ref = plain(tokens[b:b + 1, :n]).float()[0]
+        err = (seg[offs[b]:offs[b] + n] - ref).abs().max().item()
+        err_one = (seg[offs[b]:offs[b] + n] - one[offs[b]:offs[b] + n]).abs().max().item()
+        print(f"row {b} (length {n}): segments vs plain {err:.3g}, vs one rectangle {err_one:.3g}")
+        assert err < 1e-4 and err_one < 1e-5
+    with pytest.raises(ValueError, match="must cover the B = 4 rows"):
+        forward_batch(cfg, w, ForwardBatch(tokens, pos, key_end=key_end, pack=pack, attn_segments=((2, 30),),
+                                           attn_pack=attn_pack), backend=backend)
