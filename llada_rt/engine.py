@@ -393,7 +393,8 @@ class Engine:
                 write_index = flat.view(-1) if pack is None else torch.take(flat, pack, out=g("write_index", (Q,)))
             fb = ForwardBatch(tokens, cols, key_end=key_end, logit_rows=logit_rows, write_index=write_index,
                               kv_rows=p["slots32"] if phase.cache_read else None, cache_read=phase.cache_read,
-                              pack=pack, attn_segments=p["segments"], attn_pack=p["apack"])
+                              pack=pack, attn_segments=p["segments"], attn_pack=p["apack"],
+                              last_window=win, logit_window=p["sel"])   # the last layer: the block, the logit rows
         logits = forward_batch(self.cfg, self.w, fb, cache=self.cache, rope=self.rope, ws=ws,
                                backend=self.backend)                                 # (M or 2M, V)
         V = logits.shape[-1]

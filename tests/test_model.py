@@ -142,3 +142,34 @@ def test_attention_segments(loaded, backend, workspace):
     with pytest.raises(ValueError, match="must cover the B = 4 rows"):
         forward_batch(cfg, w, ForwardBatch(tokens, pos, key_end=key_end, pack=pack, attn_segments=((2, 30),),
                                            attn_pack=attn_pack), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "ops"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_last_layer_on_the_window_only(loaded, backend, packed):
+    """ForwardBatch.last_window: the last layer's attention for a window of 4 query rows per row and its MLP for the
+    logit rows only give the logits of the whole last layer (rows of lengths 13, 5, 30, 29; two logit rows per
+    window). (A logit_window off by one row gives errors of 1e-2: the test can fail.)"""
+    from llada_rt.model import ForwardBatch, forward_batch
+    from llada_rt.workspace import Workspace
+    cfg, w, _ = loaded
+    lens = [13, 5, 30, 29] if packed else [30] * 4
+    B, S, L = len(lens), max(lens), 4
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, 100, (B, S), generator=g)
+    tokens[:, S // 2:] = cfg.mask_token_id
+    pos = torch.arange(S).expand(B, S).contiguous()
+    key_end = torch.tensor(lens, dtype=torch.int32)
+    pack = torch.cat([b * S + torch.arange(n) for b, n in enumerate(lens)]) if packed else None
+    row0 = [sum(lens[:b]) if packed else b * S for b in range(B)]                  # query row of each row's column 0
+    window = torch.tensor([[row0[b] + n - L + j for j in range(L)] for b, n in enumerate(lens)])   # (B, L)
+    logit_window = torch.tensor([b * L + j for b in range(B) for j in (0, 2)])
+    logit_rows = window.view(-1)[logit_window]
+    common = dict(key_end=key_end, pack=pack, logit_rows=logit_rows)
+    for ws in (None, Workspace(torch.device("cpu"))):
+        cut = forward_batch(cfg, w, ForwardBatch(tokens, pos, last_window=window, logit_window=logit_window, **common),
+                            ws=ws, backend=backend).clone()
+        whole = forward_batch(cfg, w, ForwardBatch(tokens, pos, **common), backend=backend)
+        err = (cut - whole).abs().max().item()
+        print(f"packed={packed} workspace={ws is not None}: last layer on the window vs whole {err:.3g}")
+        assert cut.shape == whole.shape and err < 1e-5
