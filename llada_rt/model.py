@@ -148,7 +148,7 @@ def forward_batch(cfg: LLaDAConfig, w: ModelWeights, fb: ForwardBatch, cache=Non
             ck.index_copy_(0, fb.write_index, k.reshape(Q, Hkv, D))
             cv.index_copy_(0, fb.write_index, v.reshape(Q, Hkv, D))
         if i == last and fb.last_window is not None:   # attention for the window rows, the rest for the logit rows
-            a = _window_attention(impl, fb, q, k, v, qkv, cache, i, ws, dt, Q, Hq, Hkv, D, pack, apack, AS, inplace)
+            a = _window_attention(impl, fb, q, k, v, cache, i, ws, dt, Q, Hq, Hkv, D, pack, apack, AS, inplace)
             x = torch.index_select(x, 0, fb.logit_rows, out=scratch(ws, "x_rows", (M, d), dt))   # (M, d)
             x = _mlp_half(impl, layer, cfg, tp, x, a, ws, dt, d, mlp, inplace)
             break
@@ -214,7 +214,7 @@ def _mlp_half(impl, layer, cfg, tp, x, a, ws, dt, d, mlp, inplace):
     return x.add_(o) if inplace else x + o
 
 
-def _window_attention(impl, fb, q, k, v, qkv, cache, i, ws, dt, Q, Hq, Hkv, D, pack, apack, AS, inplace):
+def _window_attention(impl, fb, q, k, v, cache, i, ws, dt, Q, Hq, Hkv, D, pack, apack, AS, inplace):
     """The last layer's attention for the query rows fb.last_window (B, L) only, against every key of each row:
     the rows fb.logit_window of it, (M, Hq * D)."""
     B, L = fb.last_window.shape
