@@ -25,7 +25,6 @@ import time
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from . import model, parallel
 from .config import LLaDAConfig
