@@ -174,6 +174,7 @@ def run_arrivals(rt, prompts, options: dict, rate: float, seed: int = 0, log=pri
         seq_done.append(_time.perf_counter() - t0)
     sequential = summary("sequential", seq_done, seq_answers)
     # the engine
+    forwards0, phase_s0 = rt.engine.forwards, rt.engine.timer.seconds()
     t0 = _time.perf_counter()
     reqs, done_at, nxt = [None] * len(ids), [0.0] * len(ids), 0
     while nxt < len(ids) or any(not r.done for r in reqs if r is not None):
@@ -191,6 +192,11 @@ def run_arrivals(rt, prompts, options: dict, rate: float, seed: int = 0, log=pri
                 done_at[i] = now
     eng_answers = [rt.tokenizer.cut_at_stop(r.answer) for r in reqs]
     engine = summary("engine", done_at, eng_answers)
+    phase_s = {k: v - phase_s0.get(k, 0.0) for k, v in rt.engine.timer.seconds().items()}
+    engine.update(forwards=rt.engine.forwards - forwards0,
+                  forward_s={k: v for k, v in phase_s.items() if v > 0})
+    log(f"engine: {engine['forwards']} forwards; seconds per kind of forward: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in sorted(engine["forward_s"].items())))
     same = eng_answers == seq_answers
     log(f"engine / sequential: {engine['requests_per_s'] / sequential['requests_per_s']:.2f}x requests/s; "
         f"identical outputs: {same}")

@@ -18,7 +18,7 @@ from .generation_config import GenerationConfig
 from .graphs import StepGraphs
 from .model import ForwardBatch, RopeTable, forward_batch
 from .ops import REMASK_RULES
-from .modes import LLADA, PHASES, Family, Phase, uses_cache
+from .modes import LLADA, PHASES, Family, Phase, mergeable, uses_cache
 from .request import Request, StepEvent
 from .weights import ModelWeights
 from .workspace import Workspace
@@ -106,8 +106,10 @@ class PhaseTimer:
 
 class Engine:
     """Requests join (add) and leave (done, cancel) at any step; each step() advances every active request by one
-    denoising step. Requests with the same block length, mode, phase and guidance share one forward pass, whatever
-    their block and step. Thread-safe: add/step/cancel take one lock.
+    denoising step. Requests with the same block length, mode and guidance share one forward pass, whatever their
+    block and step; a row's refresh joins the cached steps of the others (modes.mergeable: each row has its own query
+    window, and the two kinds attend in separate segments), except under CUDA graphs, which replay per phase.
+    Thread-safe: add/step/cancel take one lock.
 
     backend 'ops': the compiled kernels (llada_rt.ops); 'torch': every op from reference.py.
     """
@@ -242,7 +244,10 @@ class Engine:
             groups: dict[tuple, list[Request]] = {}
             for r in self.active:
                 gc = r.config
-                key = (gc.mode, r.phase, gc.block_length, gc.cfg_scale > 0, gc.cuda_graph)
+                # a row's refresh joins the other rows' cached steps (same cache use, its own window), except under
+                # CUDA graphs, whose replayed shapes are per phase
+                phase = None if mergeable(gc.mode) and not gc.cuda_graph else r.phase
+                key = (gc.mode, phase, gc.block_length, gc.cfg_scale > 0, gc.cuda_graph)
                 groups.setdefault(key, []).append(r)
             events = []
             for key, rows in groups.items():
@@ -250,17 +255,21 @@ class Engine:
             return events
 
     def _run_group(self, key: tuple, rows: list[Request]) -> list[StepEvent]:
-        mode, phase_name, N, cfg, graph = key
-        phase = PHASES[(mode, phase_name)]
+        mode, group_phase, N, cfg, graph = key
+        phases = [PHASES[(mode, group_phase or r.phase)] for r in rows]   # the same cache use, per-row windows
+        phase = phases[0]
         shift = self.family.logit_shift
         B = len(rows)
         # each row's query window: its real columns; S, the padded window, is the longest
-        if phase.window == "all":
-            real = [r.length for r in rows]
-        elif phase.window == "suffix":
-            real = [r.length - r.block_start + shift for r in rows]
-        else:
-            real = [N] * B
+        real = [r.length if ph.window == "all" else r.length - r.block_start + shift if ph.window == "suffix" else N
+                for r, ph in zip(rows, phases)]
+        full = [ph.window == "all" for ph in phases]
+        segments = None
+        if not graph and len(set(full)) > 1:   # refreshes beside steps: full windows first, each kind attends apart
+            order = sorted(range(B), key=lambda b: not full[b])
+            rows, real, full = [rows[b] for b in order], [real[b] for b in order], [full[b] for b in order]
+            nf = sum(full)
+            segments = ((nf, max(real[:nf])), (B - nf, max(real[nf:])))
         S = max(real)
         cuda = self.device.type == "cuda"
         Bb = B
@@ -281,26 +290,30 @@ class Engine:
         # only (ForwardBatch.pack); CUDA graphs keep the padded shapes, which replay needs (and pad no real column
         # out: S only grows there)
         real = real + [S] * (Bb - B)
-        plan = self._plan(Bb, S, N, M, phase, cfg, slots, sel, None if graph or sum(real) == Bb * S else real)
+        full = full + [full[0]] * (Bb - B)
+        plan = self._plan(Bb, S, N, M, phase, cfg, slots, sel, None if graph or sum(real) == Bb * S else real, full,
+                          segments)
         t0 = self.timer.start()
         if graph:
-            self.graphs.run((mode, phase_name, N, cfg, Bb, S, M), lambda: self.ws.version,
+            self.graphs.run((mode, group_phase, N, cfg, Bb, S, M), lambda: self.ws.version,
                             lambda: self._device_step(plan), [plan["slots"], plan["slots32"]], self.st.scratch)
         else:
             self._device_step(plan)
-        self.timer.stop("refresh" if phase.window == "all" and mode != "exact" else
-                        "full" if phase.window == "all" else "step", t0)
+        kinds = {"full" if mode == "exact" else "refresh" if f else "step" for f in full[:B]}
+        self.timer.stop(kinds.pop() if len(kinds) == 1 else "refresh+step", t0)
         self.forwards += 1
-        return self._after_step(rows, phase)
+        return self._after_step(rows, full[:B])
 
-    def _plan(self, Bb, S, N, M, phase: Phase, cfg: bool, slots, sel, real) -> dict:
+    def _plan(self, Bb, S, N, M, phase: Phase, cfg: bool, slots, sel, real, full, segments=None) -> dict:
         """The step's host inputs written into device buffers: slots (Bb,), sel (M,) (flat block positions b * N + n
-        that get logits), rowsel (M,) (their batch row), rowS (Bb,) (the query row of each row's first column) and,
-        when real (each row's real query columns, None: all S) is given, pack (Q,) (ForwardBatch.pack; with
-        guidance the second half's too)."""
+        that get logits), rowsel (M,) (their batch row), rowS (Bb,) (the query row of each row's first column),
+        windowed (Bb,) (1 where the row's window starts at its block, 0 where it is every column: `full`) and, when
+        real (each row's real query columns, None: all S) is given, pack (Q,) (ForwardBatch.pack; with guidance the
+        second half's too) and, with segments, apack (Q,) (ForwardBatch.attn_pack)."""
         g = self.ws.get
         i64 = torch.int64
-        host = dict(slots=np.asarray(slots, dtype=np.int64), sel=np.asarray(sel, dtype=np.int64))
+        host = dict(slots=np.asarray(slots, dtype=np.int64), sel=np.asarray(sel, dtype=np.int64),
+                    windowed=1 - np.asarray(full, dtype=np.int64))
         host["slots32"] = host["slots"].astype(np.int32)
         host["rowsel"] = host["sel"] // N
         if real is None:
@@ -310,9 +323,16 @@ class Engine:
             host["rowS"] = np.concatenate([[0], np.cumsum(real)[:-1]])
             pack = np.concatenate([b * S + np.arange(c) for b, c in enumerate(real)])
             host["pack"] = np.concatenate([pack, pack + Bb * S]) if cfg else pack
+            if segments is not None:
+                assert not cfg, "guidance runs uncached, one phase: no segments"
+                starts = [c0 + i * width for (nb, width), c0 in
+                          zip(segments, np.cumsum([0] + [nb * w for nb, w in segments[:-1]])) for i in range(nb)]
+                host["apack"] = np.concatenate([s0 + np.arange(c) for s0, c in zip(starts, real)])
         p = dict(B=Bb, S=S, N=N, M=M, phase=phase, cfg=cfg, Q=Bb * S if real is None else int(real.sum()),
                  slots=g("eng.slots", (Bb,), i64), slots32=g("eng.slots32", (Bb,), torch.int32),
                  sel=g("eng.sel", (M,), i64), rowsel=g("eng.rowsel", (M,), i64), rowS=g("eng.rowS", (Bb,), i64),
+                 windowed=g("eng.windowed", (Bb,), i64), segments=segments,
+                 apack=None if segments is None else g("eng.apack", (host["apack"].size,), i64),
                  pack=None if real is None else g("eng.pack", (host["pack"].size,), i64))
         for name, h in host.items():
             if self.device.type == "cuda":
@@ -338,11 +358,8 @@ class Engine:
         P = torch.take(st.prompt_len, sl, out=g("P", (Bb,)))
         key_end = torch.take(st.key_end, sl, out=g("key_end", (Bb,), i32))
         rowbase = torch.mul(sl, self._const(st.cols + 1), out=g("rowbase", (Bb,)))  # first flat index of each row
-        q0 = g("q0", (Bb,))
-        if phase.window == "all":
-            q0.zero_()
-        else:
-            torch.sub(bs, self._const(self.family.logit_shift), out=q0)
+        q0 = torch.sub(bs, self._const(self.family.logit_shift), out=g("q0", (Bb,)))
+        q0.mul_(p["windowed"])                                                       # a full window starts at 0
         cols = torch.add(q0[:, None], ar[:S], out=g("cols", (Bb, S))).clamp_(max=st.cols)   # (Bb, S); st.cols = dump
         flat = torch.add(rowbase[:, None], cols, out=g("flat", (Bb, S)))
         tokens = torch.take(st.canvas, flat, out=g("tokens", (Bb, S)))
@@ -376,7 +393,8 @@ class Engine:
                 write_index = flat.view(-1) if pack is None else torch.take(flat, pack, out=g("write_index", (Q,)))
             fb = ForwardBatch(tokens, cols, key_end=key_end, logit_rows=logit_rows, write_index=write_index,
                               kv_rows=p["slots32"] if phase.cache_read else None, cache_read=phase.cache_read,
-                              pack=pack)
+                              pack=pack, attn_segments=p["segments"], attn_pack=p["apack"],
+                              last_window=win, logit_window=p["sel"])   # the last layer: the block, the logit rows
         logits = forward_batch(self.cfg, self.w, fb, cache=self.cache, rope=self.rope, ws=ws,
                                backend=self.backend)                                 # (M or 2M, V)
         V = logits.shape[-1]
@@ -429,7 +447,7 @@ class Engine:
             return ops
         return reference
 
-    def _after_step(self, rows: list[Request], phase: Phase) -> list[StepEvent]:
+    def _after_step(self, rows: list[Request], full: list[bool]) -> list[StepEvent]:
         """Host bookkeeping between steps: each row's block and phase, its events, and the rows that are done."""
         st = self.st
         read = self.device.type == "cpu" or not all(r.predictable for r in rows)
@@ -442,10 +460,10 @@ class Engine:
                 torch.cuda.current_stream().synchronize()
                 status = self._host_status.numpy()
         events = []
-        for r in rows:
+        for r, refresh in zip(rows, full):
             gc = r.config
             r.nfe += 1
-            r.refreshes += phase.window == "all"
+            r.refreshes += refresh
             nxt = r.step_in_block + 1
             if status is not None:
                 s = int(status[r.slot])
@@ -461,7 +479,7 @@ class Engine:
             else:
                 r.step_in_block = nxt
             r.stopped_early = early
-            ev = StepEvent(request=r, nfe=r.nfe, refresh=phase.window == "all", done=done)
+            ev = StepEvent(request=r, nfe=r.nfe, refresh=refresh, done=done)
             if r.events:
                 answer = st.canvas[r.slot, r.prompt_len:r.length].tolist()
                 before = r.last if r.last is not None else [self.mask_id] * len(answer)

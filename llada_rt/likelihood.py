@@ -25,7 +25,6 @@ import time
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from . import model, parallel
 from .config import LLaDAConfig
@@ -128,9 +127,20 @@ def standard_error(values: torch.Tensor, batch_size: int) -> float:
 
 
 def _forward(cfg: LLaDAConfig, w: ModelWeights, tokens: torch.Tensor, positions: torch.Tensor,
-             key_start: torch.Tensor, rows: slice, backend: str) -> torch.Tensor:
-    """Logits (R, N, V) of the columns `rows` of the left-padded batch tokens (R, S): this module's one model call."""
-    return model.forward(cfg, w, tokens, positions, key_start, rows=rows, backend=backend)
+             key_start: torch.Tensor, scored: torch.Tensor, backend: str) -> torch.Tensor:
+    """Logits (M, V) of the scored positions (R, La) bool of the right-aligned answers (the last La columns) of the
+    left-padded batch tokens (R, S), in row-major order: this module's one model call. The last layer attends from
+    the answer columns only and runs its MLP and the LM head on the scored positions only (ForwardBatch.last_window):
+    nothing else of it reaches a scored logit."""
+    R, S = tokens.shape
+    La = scored.shape[1]
+    dev = tokens.device
+    window = torch.arange(R, device=dev)[:, None] * S + (S - La) + torch.arange(La, device=dev)[None, :]   # (R, La)
+    logit_window = scored.reshape(-1).nonzero()[:, 0]                                                    # (M,)
+    fb = model.ForwardBatch(tokens, positions, key_start=key_start.to(torch.int32),
+                            logit_rows=window.reshape(-1)[logit_window], last_window=window,
+                            logit_window=logit_window)
+    return model.forward_batch(cfg, w, fb, backend=backend)
 
 
 def _target_log_probs(logits: torch.Tensor, uncond: torch.Tensor | None, targets: torch.Tensor,
@@ -237,16 +247,14 @@ def masked_log_likelihood(cfg: LLaDAConfig, w: ModelWeights, prompts: Sequence[S
         positions = (torch.arange(S)[None, :] - pads[:, None]).clamp_(min=0)
         key_start = pads.to(torch.int32)
         tokens, positions, key_start = tokens.to(device), positions.to(device), key_start.to(device)
-        cols = slice(S - La, S)
         scored_d = scored.to(device)
         if cfg_scale > 0:
             uncond = tokens.masked_fill(is_prompt.to(device), cfg.mask_token_id)    # the prompt fully masked
             both = _forward(cfg, w, torch.cat([tokens, uncond]), torch.cat([positions] * 2),
-                            torch.cat([key_start] * 2), cols, backend)
-            cond, unc = both.chunk(2)                                                 # (R, La, V) each
-            sel, sel_u = cond[scored_d], unc[scored_d]                                # (M, V) masked positions only
+                            torch.cat([key_start] * 2), torch.cat([scored_d] * 2), backend)
+            sel, sel_u = both.chunk(2)                                                # (M, V) each, masked positions
         else:
-            sel = _forward(cfg, w, tokens, positions, key_start, cols, backend)[scored_d]
+            sel = _forward(cfg, w, tokens, positions, key_start, scored_d, backend)  # (M, V)
             sel_u = None
         lp = _target_log_probs(sel, sel_u, targets.to(device)[scored_d], cfg_scale, tp=w.tp)  # (M,)
         lp_rows = torch.zeros(R, La, dtype=torch.float64, device=device)

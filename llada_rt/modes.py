@@ -51,5 +51,12 @@ def phase_of(mode: str, step_in_block: int) -> str:
     return "refresh" if step_in_block == 0 else "step"
 
 
+def mergeable(mode: str) -> bool:
+    """Whether rows of every phase of `mode` can share one forward: their phases differ in the query window alone
+    (each row then has its own window start and width, and the forward packs their real columns)."""
+    flags = {(p.cache_write, p.cache_read) for (m, _), p in PHASES.items() if m == mode}
+    return len(flags) == 1
+
+
 def uses_cache(mode: str) -> bool:
     return any(p.cache_write for (m, _), p in PHASES.items() if m == mode)

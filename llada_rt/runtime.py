@@ -343,9 +343,10 @@ class Runtime:
         before, captures0 = mark
         after = self.engine.timer.seconds()
         phase = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+        # mixed_s: forwards where a refresh ran beside other requests' cached steps (requests added with add())
         timings = {"total_s": total_s, "refresh_s": phase.get("full", 0.0) + phase.get("refresh", 0.0),
-                   "step_s": phase.get("step", 0.0)}
-        timings["other_s"] = total_s - timings["refresh_s"] - timings["step_s"]
+                   "step_s": phase.get("step", 0.0), "mixed_s": phase.get("refresh+step", 0.0)}
+        timings["other_s"] = total_s - timings["refresh_s"] - timings["step_s"] - timings["mixed_s"]
         g = self.engine.graphs
         return GenerationResult(
             texts=[self.tokenizer.decode(r) for r in ids], token_ids=ids,

@@ -134,6 +134,28 @@ def test_a_stream_left_unfinished_frees_its_rows(rt):
     assert rt.engine.active == []
 
 
+@pytest.mark.parametrize("mode", ["dual", "prefix"])
+def test_a_refresh_shares_the_forward_of_cached_steps(rt, mode):
+    """A row's refresh (a full window) and other rows' cached steps (their block or suffix) run as one forward, each
+    row attending in its own rectangle, and every row still gives its solo tokens."""
+    a, b, c = _prompts(3, [9, 5, 14], seed=6)
+    opts = dict(**GEN, mode=mode)
+    solo = [rt.generate(p, **opts).token_ids[0] for p in (a, b, c)]
+    gc = rt.make_config(opts)
+    ra, rb = rt.add(a, gc), rt.add(b, gc)
+    for _ in range(2):
+        rt.step()
+    rc = rt.add(c, gc)
+    before = rt.engine.forwards
+    events = rt.step()
+    print(mode, "forwards", rt.engine.forwards - before, "refresh flags", [e.refresh for e in events])
+    assert rt.engine.forwards - before == 1 and sorted(e.refresh for e in events) == [False, False, True]
+    _run_until_done(rt, [ra, rb, rc])
+    got = [rt.tokenizer.cut_at_stop(r.answer) for r in (ra, rb, rc)]
+    print(got, solo)
+    assert got == solo
+
+
 def test_warm_step_allocates_nothing(rt):
     """Once the engine has run a shape, its device step performs no allocation (profiler memory events)."""
     from torch.profiler import ProfilerActivity, profile

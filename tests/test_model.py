@@ -108,3 +108,68 @@ def test_packed_rows_of_different_lengths(loaded, backend, workspace):
                      for c0, c1 in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)))
         print(f"row {b} (length {n}): packed vs plain {err:.3g}, vs padded {err_pad:.3g}, cache K/V {kv_err:.3g}")
         assert err < 1e-4 and err_pad < 1e-5 and kv_err < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "ops"])
+@pytest.mark.parametrize("workspace", [False, True])
+def test_attention_segments(loaded, backend, workspace):
+    """ForwardBatch.attn_segments: packed rows of lengths 30, 29 | 13, 1 attending in two rectangles (2 x 30, 2 x 13)
+    give each row's logits alone, and the same as the one (4, 30) rectangle."""
+    from llada_rt.model import ForwardBatch, forward_batch
+    from llada_rt.workspace import Workspace
+    cfg, w, plain = loaded
+    lens, segments = [30, 29, 13, 1], ((2, 30), (2, 13))
+    B, S = len(lens), max(lens)
+    g = torch.Generator().manual_seed(6)
+    tokens = torch.randint(0, 100, (B, S), generator=g)
+    tokens[:, S // 3:] = cfg.mask_token_id
+    pos = torch.arange(S).expand(B, S).contiguous()
+    key_end = torch.tensor(lens, dtype=torch.int32)
+    pack = torch.cat([b * S + torch.arange(n) for b, n in enumerate(lens)])                  # (Q,)
+    starts = [0, 30, 60, 73]                                                                   # rows in the segments
+    attn_pack = torch.cat([s + torch.arange(n) for s, n in zip(starts, lens)])
+    ws = Workspace(torch.device("cpu")) if workspace else None
+    seg = forward_batch(cfg, w, ForwardBatch(tokens, pos, key_end=key_end, pack=pack, attn_segments=segments,
+                                             attn_pack=attn_pack), ws=ws, backend=backend).clone()
+    one = forward_batch(cfg, w, ForwardBatch(tokens, pos, key_end=key_end, pack=pack), backend=backend)
+    offs = [sum(lens[:b]) for b in range(B)]
+    for b, n in enumerate(lens):
+        ref = plain(tokens[b:b + 1, :n]).float()[0]
+        err = (seg[offs[b]:offs[b] + n] - ref).abs().max().item()
+        err_one = (seg[offs[b]:offs[b] + n] - one[offs[b]:offs[b] + n]).abs().max().item()
+        print(f"row {b} (length {n}): segments vs plain {err:.3g}, vs one rectangle {err_one:.3g}")
+        assert err < 1e-4 and err_one < 1e-5
+    with pytest.raises(ValueError, match="must cover the B = 4 rows"):
+        forward_batch(cfg, w, ForwardBatch(tokens, pos, key_end=key_end, pack=pack, attn_segments=((2, 30),),
+                                           attn_pack=attn_pack), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "ops"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_last_layer_on_the_window_only(loaded, backend, packed):
+    """ForwardBatch.last_window: the last layer's attention for a window of 4 query rows per row and its MLP for the
+    logit rows only give the logits of the whole last layer (rows of lengths 13, 5, 30, 29; two logit rows per
+    window). (A logit_window off by one row gives errors of 1e-2: the test can fail.)"""
+    from llada_rt.model import ForwardBatch, forward_batch
+    from llada_rt.workspace import Workspace
+    cfg, w, _ = loaded
+    lens = [13, 5, 30, 29] if packed else [30] * 4
+    B, S, L = len(lens), max(lens), 4
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, 100, (B, S), generator=g)
+    tokens[:, S // 2:] = cfg.mask_token_id
+    pos = torch.arange(S).expand(B, S).contiguous()
+    key_end = torch.tensor(lens, dtype=torch.int32)
+    pack = torch.cat([b * S + torch.arange(n) for b, n in enumerate(lens)]) if packed else None
+    row0 = [sum(lens[:b]) if packed else b * S for b in range(B)]                  # query row of each row's column 0
+    window = torch.tensor([[row0[b] + n - L + j for j in range(L)] for b, n in enumerate(lens)])   # (B, L)
+    logit_window = torch.tensor([b * L + j for b in range(B) for j in (0, 2)])
+    logit_rows = window.view(-1)[logit_window]
+    common = dict(key_end=key_end, pack=pack, logit_rows=logit_rows)
+    for ws in (None, Workspace(torch.device("cpu"))):
+        cut = forward_batch(cfg, w, ForwardBatch(tokens, pos, last_window=window, logit_window=logit_window, **common),
+                            ws=ws, backend=backend).clone()
+        whole = forward_batch(cfg, w, ForwardBatch(tokens, pos, **common), backend=backend)
+        err = (cut - whole).abs().max().item()
+        print(f"packed={packed} workspace={ws is not None}: last layer on the window vs whole {err:.3g}")
+        assert cut.shape == whole.shape and err < 1e-5
