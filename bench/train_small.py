@@ -519,7 +519,7 @@ def train(tc: TrainConfig, out: Path, log=print, command: str | None = None, ini
     log(f"model: d_model={cfg.d_model} layers={cfg.n_layers} heads={cfg.n_heads} (head_dim {cfg.head_dim}) "
         f"mlp={cfg.mlp_hidden_size} vocab={cfg.vocab_size} params={w.num_parameters():,}; train: {tc}")
     stage = {"command": command, "first_step": trainer.step + 1, "steps": 0, "train_s": 0.0, "cpu_s": 0.0,
-             **{k: getattr(tc, k) for k in STAGE_FIELDS}}
+             "options": {k: getattr(tc, k) for k in STAGE_FIELDS}}   # steps: this stage's; options.steps: schedule
     clock["stages"].append(stage)
     t_wall, t_cpu = time.perf_counter(), cpu_seconds()
 

@@ -212,8 +212,9 @@ def test_a_resumed_stage_may_change_the_task_weights(tmp_path):
     run(tc, tmp_path / "c")
     assert (tmp_path / "a" / "model.safetensors").read_bytes() != (tmp_path / "c" / "model.safetensors").read_bytes()
     info = json.loads((tmp_path / "a" / "training.json").read_text())
-    print("stages", [(st["first_step"], st["steps"], st["task_weights"]) for st in info["stages"]])
-    assert [(st["first_step"], st["task_weights"]) for st in info["stages"]] == [(1, ""), (4, "reverse=1")]
+    print("stages", [(st["first_step"], st["steps"], st["options"]) for st in info["stages"]])
+    assert [(st["first_step"], st["steps"], st["options"]["task_weights"]) for st in info["stages"]] == \
+        [(1, 3, ""), (4, 3, "reverse=1")]
     assert info["train_config"]["task_weights"] == "reverse=1"
     first = tasks.TrainStream(1)
     drawn = [next(first).task for _ in range(20)]
@@ -230,8 +231,9 @@ def test_a_resumed_stage_may_lengthen_the_schedule(tmp_path):
     longer = dataclasses.replace(tc, steps=8)
     res = run(longer, tmp_path / "a", resume=True)
     info = json.loads((tmp_path / "a" / "training.json").read_text())
-    print("steps", res["step"], [(st["first_step"], st["steps"]) for st in info["stages"]])
+    print("steps", res["step"], [(st["first_step"], st["steps"], st["options"]) for st in info["stages"]])
     assert res["step"] == 8 and len(res["history"]) == 8 and info["train_config"]["steps"] == 8
+    assert [(st["steps"], st["options"]["steps"]) for st in info["stages"]] == [(4, 4), (4, 8)]
     lr_at = lambda c, step: train_small.Trainer.lr_at(types.SimpleNamespace(tc=c), step)  # noqa: E731
     assert lr_at(longer, 5) > lr_at(tc, 4)  # the longer schedule's rate at the resumed step: a warm restart
     with pytest.raises(ValueError, match="--steps 6 is below the 8 steps already run"):
