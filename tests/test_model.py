@@ -72,6 +72,19 @@ def test_forward_bf16_close_to_fp32(tiny_ckpt, loaded):
     assert b.dtype == torch.float32 and err < 0.05 * a.abs().max().item()
 
 
+def _ragged(cfg, lens, seed, masked_from, packed=True):
+    """Rows of lengths lens right-padded to S = max(lens), masked from column masked_from on: tokens (B, S),
+    positions (B, S), key_end (B,) int32 = lens, and pack (Q,) (the real columns' flat indices; None: not packed)."""
+    B, S = len(lens), max(lens)
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 100, (B, S), generator=g)
+    tokens[:, masked_from:] = cfg.mask_token_id
+    pos = torch.arange(S).expand(B, S).contiguous()
+    key_end = torch.tensor(lens, dtype=torch.int32)
+    pack = torch.cat([b * S + torch.arange(n) for b, n in enumerate(lens)]) if packed else None    # (Q,)
+    return tokens, pos, key_end, pack
+
+
 @pytest.mark.parametrize("backend", ["torch", "ops"])
 @pytest.mark.parametrize("workspace", [False, True])
 def test_packed_rows_of_different_lengths(loaded, backend, workspace):
@@ -84,12 +97,7 @@ def test_packed_rows_of_different_lengths(loaded, backend, workspace):
     cfg, w, plain = loaded
     lens = [13, 1, 30, 29]
     B, S = len(lens), max(lens)
-    g = torch.Generator().manual_seed(5)
-    tokens = torch.randint(0, 100, (B, S), generator=g)
-    tokens[:, S // 2:] = cfg.mask_token_id
-    pos = torch.arange(S).expand(B, S).contiguous()
-    key_end = torch.tensor(lens, dtype=torch.int32)
-    pack = torch.cat([b * S + torch.arange(n) for b, n in enumerate(lens)])                  # (Q,)
+    tokens, pos, key_end, pack = _ragged(cfg, lens, seed=5, masked_from=S // 2)
     offs = [sum(lens[:b]) for b in range(B)]
     T = S + 3                                                                                  # cache columns
     caches = [KVCache(cfg, B, T, torch.float32, torch.device("cpu")) for _ in range(2)]
@@ -120,12 +128,7 @@ def test_attention_segments(loaded, backend, workspace):
     cfg, w, plain = loaded
     lens, segments = [30, 29, 13, 1], ((2, 30), (2, 13))
     B, S = len(lens), max(lens)
-    g = torch.Generator().manual_seed(6)
-    tokens = torch.randint(0, 100, (B, S), generator=g)
-    tokens[:, S // 3:] = cfg.mask_token_id
-    pos = torch.arange(S).expand(B, S).contiguous()
-    key_end = torch.tensor(lens, dtype=torch.int32)
-    pack = torch.cat([b * S + torch.arange(n) for b, n in enumerate(lens)])                  # (Q,)
+    tokens, pos, key_end, pack = _ragged(cfg, lens, seed=6, masked_from=S // 3)
     starts = [0, 30, 60, 73]                                                                   # rows in the segments
     attn_pack = torch.cat([s + torch.arange(n) for s, n in zip(starts, lens)])
     ws = Workspace(torch.device("cpu")) if workspace else None
@@ -155,12 +158,7 @@ def test_last_layer_on_the_window_only(loaded, backend, packed):
     cfg, w, _ = loaded
     lens = [13, 5, 30, 29] if packed else [30] * 4
     B, S, L = len(lens), max(lens), 4
-    g = torch.Generator().manual_seed(7)
-    tokens = torch.randint(0, 100, (B, S), generator=g)
-    tokens[:, S // 2:] = cfg.mask_token_id
-    pos = torch.arange(S).expand(B, S).contiguous()
-    key_end = torch.tensor(lens, dtype=torch.int32)
-    pack = torch.cat([b * S + torch.arange(n) for b, n in enumerate(lens)]) if packed else None
+    tokens, pos, key_end, pack = _ragged(cfg, lens, seed=7, masked_from=S // 2, packed=packed)
     row0 = [sum(lens[:b]) if packed else b * S for b in range(B)]                  # query row of each row's column 0
     window = torch.tensor([[row0[b] + n - L + j for j in range(L)] for b, n in enumerate(lens)])   # (B, L)
     logit_window = torch.tensor([b * L + j for b in range(B) for j in (0, 2)])
