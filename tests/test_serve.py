@@ -240,7 +240,10 @@ def test_canvas_extension_shows_each_step(ref, client):
 
 
 def test_stop_strings_cut_committed_text(ref, client):
-    prompt, max_tokens = "What is the capital of France?", 24
+    # a completion prompt written in the chat template (special tokens as text), so the model answers at length
+    prompt = ref.tokenizer.decode(chat_ids(ref, [{"role": "user", "content": "Sort the list: 9 3 7 1 8 2"}]),
+                                  skip_special_tokens=False)
+    max_tokens = 24
     full = solo(ref, completion_ids(ref, prompt), max_tokens, steps=24)[0]
     assert len(full) >= 6, f"the model's answer {full!r} is too short to pick stop strings from"
     cases = [[full[3:5]], [full[-2:], full[4]], ["\u00e9\u00e9 never"], [full[1:4], full[2:3] + "#"]]

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -86,18 +87,24 @@ def test_script_quick_mode(tmp_path):
     assert "saved" in r.stdout and (tmp_path / "q" / "model.safetensors").is_file()
 
 
-def test_defaults_are_the_shipped_models_recipe():
-    """No options trains the recipe recorded in the shipped model's training.json: same hyperparameters, fp32 eager
-    steps, task set 1 (main's stream, tests/test_tasks.py), fp32 checkpoint."""
-    shipped = json.loads((ROOT / "llada_rt" / "models" / "small" / "training.json").read_text())["train_config"]
-    defaults = dataclasses.asdict(train_small.TrainConfig())
-    diff = {k: (v, defaults.get(k)) for k, v in shipped.items() if json.loads(json.dumps(defaults.get(k))) != v}
-    print("shipped vs default, differing:", diff)
-    assert not diff
-    new = {k: defaults[k] for k in defaults if k not in shipped}
-    print("fields the shipped run did not have:", new)
-    assert new == {"amp": "off", "compile": 0, "state_every": 500, "task_weights": "", "tokenizer": "chars",
-                   "task_set": 1, "save_dtype": "float32"}
+def test_the_shipped_models_stage_commands_give_its_recipe():
+    """The shipped model's training.json: the options of its stages' commands (later stages override: the stage
+    options), on top of the defaults, are its recorded train_config; fp32 eager steps and an fp32 checkpoint."""
+    info = json.loads((ROOT / "llada_rt" / "models" / "small" / "training.json").read_text())
+    fields = {f.name: f for f in dataclasses.fields(train_small.TrainConfig)}
+    asked = dataclasses.asdict(train_small.TrainConfig())
+    for st in info["stages"]:
+        words = shlex.split(st["command"])[2:]
+        pairs = [(w[2:].replace("-", "_"), words[k + 1]) for k, w in enumerate(words)
+                 if w.startswith("--") and w[2:].replace("-", "_") in fields]
+        for name, value in pairs:
+            if name not in train_small.RUN_ONLY_FIELDS:
+                asked[name] = type(fields[name].default)(value)
+    recorded = {k: v for k, v in info["train_config"].items() if k not in train_small.RUN_ONLY_FIELDS}
+    diff = {k: (v, asked.get(k)) for k, v in recorded.items() if json.loads(json.dumps(asked.get(k))) != v}
+    print("stages", [st["command"] for st in info["stages"]], "differing:", diff)
+    assert not diff and recorded["amp"] == "off" and recorded["compile"] == 0 and recorded["save_dtype"] == "float32"
+    assert sum(st["steps"] for st in info["stages"]) == info["step"] == recorded["steps"]
 
 
 def test_task_weights_option():
