@@ -8,7 +8,9 @@ loop, and the lm-eval wall time of llada_rt's local tasks per runtime mode.
 The official loop is reimplemented here from ML-GSAI get_log_likelihood.py's algorithm (LLADA.md 3.2), independently
 of llada_rt.likelihood: per pair, mc_num // batch_size forwards of batch_size copies of prompt + answer, mask counts
 round(linspace(k, ...)), a randperm per row, full logits, cross-entropy / p_mask. Both run the same checkpoint through
-the same llada_rt.model.forward, with the same mc_num, batch_size and cfg_scale; only the batching differs. The pairs
+the same model code (llada_rt.model), with the same mc_num, batch_size and cfg_scale; what differs is the batching
+(many pairs per forward, each distinct mask once) and that llada_rt.likelihood runs its last layer on the answer
+columns only and its MLP and LM head on the masked positions only (the official loop computes every logit). The pairs
 are held-out prompts of the task suite (chat template) with their reference answers. "Same estimate distribution":
 per pair z = (batched - official) / sqrt(se_b^2 + se_o^2), which is ~N(0, 1) when both estimate the same value.
 """
