@@ -325,8 +325,10 @@ class Engine:
             host["pack"] = np.concatenate([pack, pack + Bb * S]) if cfg else pack
             if segments is not None:
                 assert not cfg, "guidance runs uncached, one phase: no segments"
-                starts = [c0 + i * width for (nb, width), c0 in
-                          zip(segments, np.cumsum([0] + [nb * w for nb, w in segments[:-1]])) for i in range(nb)]
+                starts, c0 = [], 0   # each row's first attention row: segments follow one another
+                for nb, width in segments:
+                    starts += [c0 + i * width for i in range(nb)]
+                    c0 += nb * width
                 host["apack"] = np.concatenate([s0 + np.arange(c) for s0, c in zip(starts, real)])
         p = dict(B=Bb, S=S, N=N, M=M, phase=phase, cfg=cfg, Q=Bb * S if real is None else int(real.sum()),
                  slots=g("eng.slots", (Bb,), i64), slots32=g("eng.slots32", (Bb,), torch.int32),

@@ -227,7 +227,7 @@ def _window_attention(impl, fb, q, k, v, cache, i, ws, dt, Q, Hq, Hkv, D, pack, 
     else:
         S = fb.tokens.shape[1]
         if pack is None:
-            ks, vs = k.view(B, S, Hkv, D), v.view(B, S, Hkv, D)
+            ks, vs = k, v                                                         # (B, S, Hkv, D) views of qkv
         else:   # the fresh K/V in the padded (B, S) layout (zeroed when allocated: padding stays finite)
             ks, vs = ((ws.get("pack_" + name, (AS, Hkv * D), dt, zero=True) if inplace else
                        torch.zeros((AS, Hkv * D), dtype=dt, device=t.device)).index_copy_(0, apack, t.reshape(Q, -1))
