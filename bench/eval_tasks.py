@@ -208,6 +208,9 @@ def main(argv=None) -> int:
                       "; ".join(f"`{st['command']}` ({st['steps']} steps, {st['train_s'] / 60:.1f} min" +
                                 (f", {st['cpu_s'] / 60:.1f} CPU-min)" if "cpu_s" in st else ")") for st in stages) +
                       ".")
+        if "average" in t:  # bench/average_checkpoints.py: no training time of its own
+            train_info += (f" The weights are the uniform average of that run's checkpoints at steps "
+                           f"{', '.join(map(str, t['average']['steps']))}: `{t['average']['command']}`.")
     md = "\n".join([
         "## Task suite: held-out accuracy of the shipped model",
         "",

@@ -344,3 +344,37 @@ def test_measure_speed_times_each_variant():
         assert m["steps_per_s"] > 0 and m["examples_per_s"] == pytest.approx(4 * m["steps_per_s"])
         assert m["examples_per_cpu_s"] > 0
     assert any(line.startswith("bf16 eager") and "x," in line for line in lines)
+
+
+def test_average_checkpoints_is_the_mean_of_one_runs_checkpoints(tmp_path):
+    """bench/average_checkpoints.py: each tensor of the result is the fp64 mean of the checkpoints' (an independent
+    sum here), the record is the latest checkpoint's plus the steps averaged; checkpoints of another run, one
+    checkpoint, or the same step twice are refused with a message, from the command line too."""
+    import shutil
+
+    import average_checkpoints
+    from safetensors.torch import load_file
+
+    tc = train_small.TrainConfig(**{**train_small.QUICK, "steps": 4})
+    run(dataclasses.replace(tc, stop_at=2), tmp_path / "run")
+    shutil.copytree(tmp_path / "run", tmp_path / "at2")
+    run(tc, tmp_path / "run", resume=True)
+    info = average_checkpoints.average([tmp_path / "at2", tmp_path / "run"], tmp_path / "avg")
+    a, b, m = (load_file(str(d / "model.safetensors")) for d in (tmp_path / "at2", tmp_path / "run", tmp_path / "avg"))
+    err = max((m[k].double() - (a[k].double() + b[k].double()) / 2).abs().max().item() for k in m)
+    print("max |avg - (a + b) / 2|", err)
+    assert set(m) == set(a) and err <= 1e-7 and any(not torch.equal(a[k], b[k]) for k in a)
+    assert info["average"]["steps"] == [2, 4] and info["step"] == 4 and len(info["stages"]) == 2
+    assert json.loads((tmp_path / "avg" / "training.json").read_text()) == info
+    from llada_rt import Runtime
+    assert Runtime(str(tmp_path / "avg"), device="cpu").generate("hi", gen_length=8, steps=8) is not None
+
+    other = tmp_path / "other"
+    run(dataclasses.replace(tc, seed=tc.seed + 1, steps=2), other)
+    for ckpts, needle in (([tmp_path / "run", other], "not a prefix"), ([tmp_path / "run"], "at least two"),
+                          ([tmp_path / "run", tmp_path / "run"], "same step")):
+        with pytest.raises(ValueError, match=needle):
+            average_checkpoints.average(ckpts, tmp_path / "bad")
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "average_checkpoints.py"), "--out", str(tmp_path / "x"),
+                        str(tmp_path / "run"), str(other)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "not a prefix" in r.stderr and "Traceback" not in r.stderr, r.stderr
