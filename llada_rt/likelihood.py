@@ -73,27 +73,45 @@ class RollingResult:
         return [math.exp(-e / n) if n else float("nan") for e, n in zip(self.estimates, self.tokens)]
 
 
-def mask_counts(answer_len: int, batch_size: int, offset: torch.Tensor) -> torch.Tensor:
+# How mask_counts rounds a tie: "uniform" (the default: every row's count exactly uniform over 1..L, so the estimate
+# is unbiased for the bound) or "official" (get_log_likelihood.py's torch.round, half to even, biased at ties).
+TIES = ("uniform", "official")
+
+
+def check_ties(ties) -> None:
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {', '.join(map(repr, TIES))}, got {ties!r}")
+
+
+def mask_counts(answer_len: int, batch_size: int, offset: torch.Tensor, ties: str = "uniform") -> torch.Tensor:
     """(G, batch_size) int64 masked-token counts of G stratified groups, from offsets (G,) in 1..answer_len.
 
     Row b of a group masks ((k - 1 + round(b * L / B)) mod L) + 1 tokens: the counts of a group are spread evenly
-    over 1..L from the random offset k, as in the official forward_process. Deliberate difference: the official code
-    rounds k + b * L / B with torch.round, half to even, so at a tie (b * L / B ending in .5, e.g. L = 4, B = 16,
-    b = 2) the count depends on the parity of k and that row never masks an odd count (L = 4: only 2 or 4); here
-    the tie is rounded up once, independently of k, so that every row's count is exactly uniform over 1..L and the
-    estimate is unbiased for the bound. Away from ties the counts are the official ones.
+    over 1..L from the random offset k, as in the official forward_process. The official code rounds k + b * L / B
+    with torch.round, half to even, so at a tie (b * L / B ending in .5, e.g. L = 4, B = 16, b = 2) the count depends
+    on the parity of k and that row never masks an odd count (L = 4: only 2 or 4), which biases the estimate. With
+    ties="uniform" (the default) the tie is rounded up once, independently of k, so that every row's count is exactly
+    uniform over 1..L and the estimate is unbiased for the bound; away from ties the counts are the official ones.
+    ties="official" gives the official counts exactly (its float32 linspace and torch.round), to reproduce numbers
+    computed with get_log_likelihood.py.
     """
+    check_ties(ties)
     L, B = answer_len, batch_size
+    if ties == "official":
+        x = torch.stack([torch.round(torch.linspace(float(k), k + (B - 1) * (L / B), steps=B)).long()
+                         for k in offset.tolist()]) if offset.numel() else torch.empty(0, B, dtype=torch.int64)
+        return ((x - 1) % L) + 1
     b = torch.arange(B, dtype=torch.int64)
     shift = (2 * b * L + B) // (2 * B)                                   # round(b * L / B), ties up, exact integers
     return (offset.to(torch.int64)[:, None] - 1 + shift[None, :]) % L + 1
 
 
-def draw_masks(answer_len: int, mc_num: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+def draw_masks(answer_len: int, mc_num: int, batch_size: int, generator: torch.Generator,
+               ties: str = "uniform") -> torch.Tensor:
     """(mc_num, answer_len) bool: which answer positions each Monte Carlo row masks (CPU, from `generator`)."""
     groups = mc_num // batch_size
     offset = torch.randint(1, answer_len + 1, (groups,), generator=generator)
-    counts = mask_counts(answer_len, batch_size, offset).reshape(mc_num)           # (mc_num,)
+    counts = mask_counts(answer_len, batch_size, offset, ties).reshape(mc_num)     # (mc_num,)
     # the rank of each position in a uniformly random order: the `count` lowest ranks are a uniform subset
     ranks = torch.rand(mc_num, answer_len, generator=generator).argsort(1).argsort(1)
     return ranks < counts[:, None]
@@ -283,17 +301,20 @@ def _check_options(mc_num: int, batch_size: int, cfg_scale: float, max_tokens: i
 
 def log_likelihood(cfg: LLaDAConfig, w: ModelWeights, prompts: Sequence[Sequence[int]],
                    answers: Sequence[Sequence[int]], mc_num: int = 128, batch_size: int = 16, cfg_scale: float = 0.0,
-                   seed: int = 0, max_tokens: int | None = None, backend: str = "ops") -> LikelihoodResult:
+                   seed: int = 0, max_tokens: int | None = None, backend: str = "ops",
+                   ties: str = "uniform") -> LikelihoodResult:
     """Monte Carlo estimate of the bound on log p(answer | prompt) for each pair of token-id lists (module doc).
 
     mc_num rows per pair in stratified groups of batch_size (the official defaults of get_log_likelihood.py);
     an empty answer has log-likelihood 0 exactly and runs nothing. max_tokens bounds rows x padded length per forward
-    (None: MAX_TOKENS of the weights' device, or the longest pair).
+    (None: MAX_TOKENS of the weights' device, or the longest pair). ties: how the stratified counts round a tie
+    (mask_counts; "official" reproduces get_log_likelihood.py's biased rounding).
     """
     t0 = time.perf_counter()
     if max_tokens is None:
         max_tokens = default_max_tokens(w.device, prompts, answers)
     _check_options(mc_num, batch_size, cfg_scale, max_tokens)
+    check_ties(ties)
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers; give one prompt per answer")
     _check_ids("prompt", prompts, cfg)
@@ -306,7 +327,7 @@ def log_likelihood(cfg: LLaDAConfig, w: ModelWeights, prompts: Sequence[Sequence
             raise ValueError(f"pair {i} has {len(p) + len(a)} tokens, more than max_tokens={max_tokens} per forward")
     keep = [i for i, a in enumerate(answers) if len(a)]
     masks = [draw_masks(len(answers[i]), mc_num, batch_size,
-                        torch.Generator().manual_seed(pair_seed(seed, prompts[i], answers[i]))) for i in keep]
+                        torch.Generator().manual_seed(pair_seed(seed, prompts[i], answers[i])), ties) for i in keep]
     with torch.inference_mode():
         values, forwards, rows = masked_log_likelihood(cfg, w, [prompts[i] for i in keep], [answers[i] for i in keep],
                                                  masks, cfg_scale, max_tokens, backend)
@@ -334,7 +355,8 @@ def rolling_windows(n_tokens: int, window: int, context: int) -> list[tuple[int,
 
 def log_likelihood_rolling(cfg: LLaDAConfig, w: ModelWeights, texts: Sequence[Sequence[int]],
                            window: int | None = None, context: int = 0, mc_num: int = 128, batch_size: int = 16,
-                           seed: int = 0, max_tokens: int | None = None, backend: str = "ops") -> RollingResult:
+                           seed: int = 0, max_tokens: int | None = None, backend: str = "ops",
+                           ties: str = "uniform") -> RollingResult:
     """Estimate of log p(text) for whole texts: the sum over the text's windows (rolling_windows) of the window's
     Monte Carlo estimate of log p(answer span | context before it). window defaults to the model's
     max_sequence_length; with context 0 the windows are disjoint and each is estimated unconditionally."""
@@ -349,7 +371,7 @@ def log_likelihood_rolling(cfg: LLaDAConfig, w: ModelWeights, texts: Sequence[Se
             prompts.append(list(t[p0:a0]))
             answers.append(list(t[a0:a1]))
             owner.append(ti)
-    res = log_likelihood(cfg, w, prompts, answers, mc_num, batch_size, 0.0, seed, max_tokens, backend)
+    res = log_likelihood(cfg, w, prompts, answers, mc_num, batch_size, 0.0, seed, max_tokens, backend, ties)
     est, var = [0.0] * len(texts), [0.0] * len(texts)
     for ti, e, s in zip(owner, res.estimates, res.stderrs):
         est[ti] += e

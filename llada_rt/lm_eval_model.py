@@ -17,6 +17,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from . import likelihood
 from .generation_config import GenerationConfig
 from .runtime import Runtime
 
@@ -59,7 +60,9 @@ class LLaDARuntimeLM(LM):
     Carlo rows per likelihood, default 128), mc_batch_size (rows per stratified group, default 32 as the official
     eval_llada.py, or mc_num when smaller), check_greedy (compute loglikelihood's is_greedy, default True; False
     returns False without computing it, as the official is_check_greedy=False), seed, max_tokens (tokens per
-    likelihood forward), window and context (loglikelihood_rolling, see Runtime.log_likelihood_rolling), and every
+    likelihood forward), ties (how the stratified mask counts round a tie: uniform, the default, or official, as
+    get_log_likelihood.py; see Runtime.log_likelihood), window and context (loglikelihood_rolling, see
+    Runtime.log_likelihood_rolling), and every
     generation option of Runtime.generate (mode, threshold, factor, early_stop, block_length, steps, cfg_scale,
     remasking, ...); cfg_scale is used by loglikelihood too (the official `cfg`). generate_until's canvas is
     max_gen_toks tokens (rounded up to a multiple of block_length) unless gen_length is given; the answer is cut to
@@ -70,12 +73,12 @@ class LLaDARuntimeLM(LM):
     def __init__(self, pretrained: str | None = None, device: str | None = None, dtype: str | None = None,
                  batch_size=1, max_batch_size: int | None = None, mc_num: int = 128, mc_batch_size: int | None = None,
                  check_greedy: bool = True, seed: int = 0, max_tokens: int | None = None, window: int | None = None,
-                 context: int = 0, threads: int | None = None, **options):
+                 context: int = 0, threads: int | None = None, ties: str = "uniform", **options):
         super().__init__()
         unknown = sorted(set(options) - _GENERATION_OPTIONS)
         if unknown:
             raise ValueError(f"llada_rt: unknown model_args {', '.join(unknown)}; valid: pretrained, dtype, threads, "
-                             "mc_num, mc_batch_size, check_greedy, seed, max_tokens, window, context, and the "
+                             "mc_num, mc_batch_size, check_greedy, seed, max_tokens, ties, window, context, and the "
                              f"generation options {', '.join(sorted(_GENERATION_OPTIONS))}")
         if threads:
             torch.set_num_threads(int(threads))
@@ -88,6 +91,8 @@ class LLaDARuntimeLM(LM):
         self.check_greedy = bool(check_greedy)
         self.max_tokens = max_tokens
         self.window, self.context = window, int(context)
+        likelihood.check_ties(ties)
+        self.ties = ties
         self.options = dict(options)
         probe = {"gen_length": self.options.get("block_length", GenerationConfig.block_length), **self.options}
         self.rt.make_config(probe).validate()   # bad values fail here, not after the likelihood requests
@@ -149,7 +154,7 @@ class LLaDARuntimeLM(LM):
             ctx, cont = [pairs[i][0] for i in idx], [pairs[i][1] for i in idx]
             res = self.rt.log_likelihood(ctx, cont, mc_num=self.mc_num, batch_size=self.mc_batch_size,
                                          cfg_scale=float(self.options.get("cfg_scale", 0.0)), seed=self.seed,
-                                         max_tokens=self.max_tokens)
+                                         max_tokens=self.max_tokens, ties=self.ties)
             greedy = self._greedy(ctx, cont) if self.check_greedy else [False] * len(idx)
             for i, ll, g in zip(idx, res.estimates, greedy):
                 out.append((ll, g))
@@ -183,7 +188,7 @@ class LLaDARuntimeLM(LM):
         texts = [self.rt.tokenizer.encode(r.args[0]) for r in requests]
         res = self.rt.log_likelihood_rolling(texts, window=self.window, context=self.context, mc_num=self.mc_num,
                                              batch_size=self.mc_batch_size, seed=self.seed,
-                                             max_tokens=self.max_tokens)
+                                             max_tokens=self.max_tokens, ties=self.ties)
         for r, ll in zip(requests, res.estimates):
             self.cache_hook.add_partial("loglikelihood_rolling", r.args, ll)
         return list(res.estimates)

@@ -370,11 +370,14 @@ class Runtime:
         return [enc(x) if isinstance(x, str) else [int(t) for t in x] for x in items]
 
     def log_likelihood(self, prompts, answers, mc_num: int = 128, batch_size: int = 16, cfg_scale: float = 0.0,
-                       seed: int = 0, chat: bool = False, max_tokens: int | None = None, backend: str | None = None):
+                       seed: int = 0, chat: bool = False, max_tokens: int | None = None, backend: str | None = None,
+                       ties: str = "uniform"):
         """Monte Carlo estimate of LLaDA's bound on log p(answer | prompt) per pair, batched over pairs, and its
         standard error (llada_rt.likelihood; the official get_log_likelihood.py semantics). prompts and answers: texts
         or token ids, one prompt per answer (a single prompt is shared by every answer). Texts are encoded plainly;
-        chat=True renders each prompt with the chat template first. Returns a likelihood.LikelihoodResult."""
+        chat=True renders each prompt with the chat template first. ties="official" rounds the stratified mask counts
+        as get_log_likelihood.py does (half to even, biased at ties; likelihood.mask_counts); the default rounds ties
+        so that the estimate is unbiased. Returns a likelihood.LikelihoodResult."""
         from . import likelihood
 
         p, a = self._token_lists(prompts, chat), self._token_lists(answers)
@@ -383,11 +386,11 @@ class Runtime:
         return likelihood.log_likelihood(self.config, self.weights, p, a, mc_num=mc_num, batch_size=batch_size,
                                          cfg_scale=cfg_scale, seed=seed,
                                          max_tokens=max_tokens,
-                                         backend=backend or self.engine.backend)
+                                         backend=backend or self.engine.backend, ties=ties)
 
     def log_likelihood_rolling(self, texts, window: int | None = None, context: int = 0, mc_num: int = 128,
                                batch_size: int = 16, seed: int = 0, max_tokens: int | None = None,
-                               backend: str | None = None):
+                               backend: str | None = None, ties: str = "uniform"):
         """Estimate of log p(text) per whole text: the text is cut into consecutive answer spans of window - context
         tokens (window: default max_sequence_length), each estimated given the `context` tokens before it, and the
         spans' estimates are summed (likelihood.rolling_windows). `.perplexities` is exp(-estimate / tokens).
@@ -397,4 +400,4 @@ class Runtime:
         return likelihood.log_likelihood_rolling(self.config, self.weights, self._token_lists(texts), window=window,
                                                  context=context, mc_num=mc_num, batch_size=batch_size, seed=seed,
                                                  max_tokens=max_tokens,
-                                                 backend=backend or self.engine.backend)
+                                                 backend=backend or self.engine.backend, ties=ties)

@@ -93,6 +93,18 @@ def test_mask_counts_are_stratified_and_uniform(L, B):
     assert torch.equal(counts[:, same], official[:, same])                     # the official counts away from ties
     for b in ties if L > 1 else []:                                            # the official tie rows are not uniform
         assert sorted(official[:, b].tolist()) != list(range(1, L + 1)), b
+    assert torch.equal(likelihood.mask_counts(L, B, ks, ties="official"), official)   # ties="official": every row
+
+
+def test_ties_option_draws_the_official_counts_and_rejects_other_values():
+    L, mc, B = 4, 64, 16
+    m = likelihood.draw_masks(L, mc, B, torch.Generator().manual_seed(3), ties="official")
+    for row in m.sum(1).reshape(mc // B, B):                                   # each group: the official spread
+        assert torch.equal(row, _official_counts(L, B, int(row[0])))
+    assert set(m.sum(1).reshape(mc // B, B)[:, 2].tolist()) <= {2, 4}       # the biased tie row (docstring example)
+    for bad in ("even", None, "Official"):
+        with pytest.raises(ValueError, match="ties must be one of 'uniform', 'official'"):
+            likelihood.mask_counts(L, B, torch.tensor([1]), ties=bad)
 
 
 def test_draw_masks_counts_and_reproducibility():

@@ -153,6 +153,11 @@ def test_loglikelihood_empty_context_and_rolling(lm):
     direct = rt.log_likelihood_rolling(texts, mc_num=32, batch_size=32)
     print(rolled, direct.estimates, direct.windows)
     assert rolled == pytest.approx(direct.estimates, rel=1e-6) and len(direct.windows[1]) == 2
+    official = LLaDARuntimeLM(mc_num=32, check_greedy=False, ties="official")   # model_args ties reaches the estimator
+    out = official.loglikelihood([_req("loglikelihood", "", "Paris")])
+    direct = rt.log_likelihood([[rt.tokenizer.bos_id]], ["Paris"], mc_num=32, batch_size=32, ties="official")
+    print("ties=official", out, direct.estimates)
+    assert out[0][0] == pytest.approx(direct.estimates[0], rel=1e-9)
 
 
 def test_arguments():
@@ -165,6 +170,8 @@ def test_arguments():
         LLaDARuntimeLM(tempreature=0.5)
     with pytest.raises(ValueError, match="block_length"):
         LLaDARuntimeLM(gen_length=30, block_length=8)
+    with pytest.raises(ValueError, match="ties must be one of 'uniform', 'official', got 'even'"):
+        LLaDARuntimeLM(ties="even")
     lm_ = LLaDARuntimeLM(device="cuda:0", mc_num=16)
     assert lm_.rt.device.type == ("cuda" if torch.cuda.is_available() else "cpu") and lm_.mc_batch_size == 16
     assert lm_.tokenizer_name.startswith("llada_rt:") and "{%" in lm_.chat_template()
