@@ -79,6 +79,7 @@ TIES = ("uniform", "official")
 
 
 def check_ties(ties) -> None:
+    """Raises ValueError naming the valid values unless ties is one of TIES."""
     if ties not in TIES:
         raise ValueError(f"ties must be one of {', '.join(map(repr, TIES))}, got {ties!r}")
 
