@@ -38,6 +38,16 @@ def _fixed(record: dict) -> dict:
     return {k: v for k, v in record["train_config"].items() if k not in RUN_ONLY_FIELDS + STAGE_FIELDS}
 
 
+def _stages_prefix(own: list[dict], chain: list[dict]) -> bool:
+    """Whether the stages own begin chain: the earlier ones recorded alike, the last one the same stage saved part way
+    or at its end (a checkpoint written at an evaluation holds a partial last stage)."""
+    if not own or len(own) > len(chain) or own[:-1] != chain[:len(own) - 1]:
+        return False
+    last, theirs = own[-1], chain[len(own) - 1]
+    return (last["command"], last["first_step"]) == (theirs["command"], theirs["first_step"]) and \
+        last["steps"] <= theirs["steps"]
+
+
 def _same_run(ckpts: list[Path], records: list[dict]) -> int:
     """Index of the latest checkpoint; raises unless the checkpoints are one run's."""
     for name in SAME_FILES:
@@ -47,12 +57,7 @@ def _same_run(ckpts: list[Path], records: list[dict]) -> int:
     latest = max(range(len(ckpts)), key=lambda i: records[i]["step"])
     chain = records[latest]["stages"]
     for c, r in zip(ckpts, records):
-        own = r["stages"]
-        # earlier stages recorded alike; the last one may have been saved part way (an evaluation's checkpoint)
-        same = len(own) <= len(chain) and own[:-1] == chain[:len(own) - 1] and all(
-            own[-1][k] == chain[len(own) - 1][k] for k in ("command", "first_step")) and \
-            own[-1]["steps"] <= chain[len(own) - 1]["steps"] and _fixed(r) == _fixed(records[latest])
-        if not same:
+        if not (_stages_prefix(r["stages"], chain) and _fixed(r) == _fixed(records[latest])):
             raise ValueError(f"{c}: its training record (options and stages) is not a prefix of that of "
                              f"{ckpts[latest]} (step {records[latest]['step']}); only checkpoints of one run can be "
                              "averaged")

@@ -125,6 +125,9 @@ def bench_pairs(rt, n_pairs: int, mc_num: int, batch_size: int, cfg_scale: float
     def rms(z):
         return math.sqrt(sum(x * x for x in z) / len(z)) if z else float("nan")
 
+    def within_3(z):
+        return sum(abs(x) < 3 for x in z) / max(len(z), 1)
+
     z, z_tie = zs(bat), zs(bat_off)
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     return {
@@ -137,9 +140,8 @@ def bench_pairs(rt, n_pairs: int, mc_num: int, batch_size: int, cfg_scale: float
         "rows_drawn": n_pairs * mc_num, "rows_run": bat.rows,
         "mean_official": sum(o[0] for o in off) / n_pairs, "mean_batched": sum(bat.estimates) / n_pairs,
         "mean_official_ties": sum(bat_off.estimates) / n_pairs,
-        "z": z, "z_rms": rms(z), "z_within_3": sum(abs(x) < 3 for x in z) / max(len(z), 1),
-        "z_zero_se": n_pairs - len(z),
-        "z_ties": z_tie, "z_ties_rms": rms(z_tie), "z_ties_within_3": sum(abs(x) < 3 for x in z_tie) / max(len(z_tie), 1),
+        "z": z, "z_rms": rms(z), "z_within_3": within_3(z), "z_zero_se": n_pairs - len(z),
+        "z_ties": z_tie, "z_ties_rms": rms(z_tie), "z_ties_within_3": within_3(z_tie),
     }
 
 
