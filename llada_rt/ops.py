@@ -23,6 +23,14 @@ def _check(cond: bool, op: str, msg) -> None:
         raise OpInputError(f"llada_rt.ops.{op}: {msg() if callable(msg) else msg}")
 
 
+def _eager(*tensors: torch.Tensor) -> bool:
+    """Whether these are plain tensors outside any tracing (no fake or dispatch mode, no torch function mode, not
+    compiling): then an op's body may run without the dispatcher's round trip (several us a call, as much as a small
+    kernel); otherwise the registered op runs, so tracing and fake tensors see it."""
+    return (all(type(t) is torch.Tensor for t in tensors) and not torch._C._len_torch_dispatch_stack()
+            and not torch._C._is_torch_function_mode_enabled())
+
+
 def _stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
@@ -888,12 +896,18 @@ _LINEAR_X_DTYPES = {"blocked_f32": (torch.float32,), "blocked_bf16": (torch.bflo
 
 def linear_weight_shape(path: str, N: int, K: int) -> tuple[int, ...]:
     """The shape of the tensor a Linear on `path` holds for W (N, K) (the layouts of csrc/linear.h)."""
-    Np = -(-N // LINEAR_PANEL_N) * LINEAR_PANEL_N
-    return {"torch_nk": (N, K), "torch_kn": (K, N), "rows_int8": (N, K),
-            "blocked_f32": (Np // LINEAR_BLOCK_N, K, LINEAR_BLOCK_N),
-            "blocked_bf16": (Np // LINEAR_BLOCK_N, -(-K // 2), LINEAR_BLOCK_N, 2),
-            "blocked_int8": (Np // LINEAR_BLOCK_N, -(-K // 2), LINEAR_BLOCK_N, 2),
-            "blocked_int8x4": (Np // LINEAR_BLOCK_N, -(-K // 4), LINEAR_BLOCK_N, 4)}[path]
+    if path in ("torch_nk", "rows_int8"):
+        return (N, K)
+    if path == "torch_kn":
+        return (K, N)
+    blocks = -(-N // LINEAR_PANEL_N) * LINEAR_PANEL_N // LINEAR_BLOCK_N
+    if path == "blocked_f32":
+        return (blocks, K, LINEAR_BLOCK_N)
+    if path in ("blocked_bf16", "blocked_int8"):
+        return (blocks, -(-K // 2), LINEAR_BLOCK_N, 2)
+    if path == "blocked_int8x4":
+        return (blocks, -(-K // 4), LINEAR_BLOCK_N, 4)
+    raise KeyError(path)
 
 
 def linear_path_supported(path: str, device: torch.device | str) -> bool:
@@ -920,7 +934,8 @@ def _check_linear_kernel(out, x, w, scale, layout) -> None:
     # linear of every step, where formatting them each time cost several times the kernel.
     op = "linear"
     path = _LINEAR_PATH_OF.get(layout)
-    _check(path is not None, op, f"unknown weight layout code {layout}")
+    if path is None:
+        _check(False, op, f"unknown weight layout code {layout}")
     if x.dim() != 2 or out.dim() != 2:
         _check(False, op, f"x and out must be 2-D, got {tuple(x.shape)} and {tuple(out.shape)}")
     M, K = x.shape
@@ -943,9 +958,11 @@ def _check_linear_kernel(out, x, w, scale, layout) -> None:
     if path == "blocked_int8x4" and K > LINEAR_INT8X4_MAX_K:
         _check(False, op, f"blocked_int8x4 sums exactly in int32 only up to K = {LINEAR_INT8X4_MAX_K}, got K = {K}; "
                "hold the weight as blocked_int8")
-    for name, t in (("x", x), ("w", w), ("scale", scale)):
-        if t is not None and t.device != out.device:
-            _check(False, op, f"{name} is on {t.device} but out is on {out.device}")
+    device = out.device
+    if x.device != device or w.device != device or scale is not None and scale.device != device:
+        for name, t in (("x", x), ("w", w), ("scale", scale)):
+            if t is not None and t.device != device:
+                _check(False, op, f"{name} is on {t.device} but out is on {device}")
     if x.stride(1) != 1 or out.stride(1) != 1:
         _check(False, op, f"x and out must have unit stride over their last dimension, got strides {x.stride()} and "
                f"{out.stride()}")
@@ -1021,7 +1038,10 @@ def linear(x: torch.Tensor, w, out: torch.Tensor | None = None) -> torch.Tensor:
             _check(False, "linear", f"the weight is on {t.device} but x is on {x.device}")
         torch.mm(x2, t.t() if w.path == "torch_nk" else t, out=out2)
     elif w.path in LINEAR_LAYOUTS:
-        torch.ops.llada_rt.linear_out(out2, x2, w.tensor, w.scale, LINEAR_LAYOUTS[w.path])
+        if _eager(x2, out2):
+            _linear_out_impl(out2, x2, w.tensor, w.scale, LINEAR_LAYOUTS[w.path])   # the op's own body, undispatched
+        else:
+            torch.ops.llada_rt.linear_out(out2, x2, w.tensor, w.scale, LINEAR_LAYOUTS[w.path])
     else:
         raise OpInputError(f"llada_rt.ops.linear: unknown path {w.path!r}; paths: {', '.join(LINEAR_PATHS)}")
     return out
