@@ -25,10 +25,13 @@ CPU_CANDIDATES = {torch.float32: ("torch_nk", "torch_kn", "blocked_f32"),
 CPU_INT8_CANDIDATES = ("blocked_int8", "blocked_int8x4")
 INT8_PATH_ENV = "LLADA_RT_INT8_PATH"   # set to one of CPU_INT8_CANDIDATES: every CPU int8 weight takes it, unmeasured
 ACT_QMAX = {"blocked_int8": 32767, "blocked_int8x4": 127}   # the CPU int8 kernels' activation grids (quantize_rows)
-MEASURE_ROWS = (1, 8, 32, 64)    # the step shapes: one masked row up to a 64-position block
+MEASURE_ROWS = (1, 8, 32, 64, 256)   # the step shapes: one masked row up to a 64-position block, and an engine step of
+                                     # 8 requests' 32-position blocks
 SAMPLE_BYTES = 32 << 20          # weight rows measured per shape: about an L3's worth, so streaming from memory counts
+ROTATE_BYTES = 8 << 20           # smaller samples are measured in turn over copies of this many bytes in all: in a
+                                 # forward each weight comes back after every other layer's, out of L2 by then
 NEAR_TIE = 0.03                  # another path must be this much faster than the plain layout to replace it
-CACHE_VERSION = 1                # bump when the kernels or the measurement change, to measure afresh
+CACHE_VERSION = 2                # bump when the kernels or the measurement change, to measure afresh
 _TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}  # candidate vs fp32 ref, of max |ref|
 # int8 paths vs the fp32 product of the dequantised weights: rounding x to the grid s = max |x| / qmax of its row moves
 # each x[k] by at most s / 2, roughly uniformly (std s / sqrt(12)) and independently over k, so an output moves by about
@@ -218,14 +221,15 @@ def choose_path(w: torch.Tensor) -> tuple[str, str]:
     if len(paths) == 1:
         return paths[0], f"the only {str(w.dtype).replace('torch.', '')} path on this CPU"
     N, K = w.shape
-    key = f"cpu {str(w.dtype).replace('torch.', '')} N={N} K={K}"
+    key = f"cpu {str(w.dtype).replace('torch.', '')} N={N} K={K} threads={torch.get_num_threads()}"
     cache = _cache()
     entry = cache.get(key)
     if entry is None or entry.get("path") not in paths:
         entry = measure_paths(w, paths)
         _cache_store(key, entry)
     times = ", ".join(f"{p} {us:.0f} us" for p, us in entry["us"].items())
-    return entry["path"], f"measured ({times}; geometric mean over rows {tuple(entry['rows'])})"
+    return entry["path"], (f"measured ({times}; geometric mean over rows {tuple(entry['rows'])}, "
+                           f"{entry['threads']} thread{'s' if entry['threads'] > 1 else ''})")
 
 
 def choose_int8_path(q: torch.Tensor, scale: torch.Tensor) -> tuple[str, str]:
@@ -247,13 +251,14 @@ def choose_int8_path(q: torch.Tensor, scale: torch.Tensor) -> tuple[str, str]:
         return "blocked_int8", "no int8 kernel runs on this CPU"   # from_int8 then raises with the reason
     if len(paths) == 1:
         return paths[0], f"the only int8 path on this CPU at K = {K}"
-    key = f"cpu int8 N={N} K={K}"
+    key = f"cpu int8 N={N} K={K} threads={torch.get_num_threads()}"
     entry = _cache().get(key)
     if entry is None or entry.get("path") not in paths:
         entry = measure_paths(q, paths, scale=scale)
         _cache_store(key, entry)
     times = ", ".join(f"{p} {us:.0f} us" for p, us in entry["us"].items())
-    return entry["path"], f"measured ({times}; geometric mean over rows {tuple(entry['rows'])}, fp32 x)"
+    return entry["path"], (f"measured ({times}; geometric mean over rows {tuple(entry['rows'])}, "
+                           f"{entry['threads']} thread{'s' if entry['threads'] > 1 else ''}, fp32 x)")
 
 
 def _max_error(path: str, x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -269,12 +274,15 @@ def _max_error(path: str, x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor) -
 
 
 def measure_paths(w: torch.Tensor, paths, rows=MEASURE_ROWS, scale: torch.Tensor | None = None) -> dict:
-    """Times ops.linear for each path on the first rows of w (up to SAMPLE_BYTES) at each row count, on one thread in
-    that thread's CPU time (so that other processes on a shared machine change nothing; the ranking is taken to hold for
-    every thread count); a path whose output leaves the fp32 reference by more than _max_error allows is dropped with a
-    warning. With scale, w is int8 q (N, K) of scales (N,), the paths are int8 ones, x is fp32 and the reference uses
-    the dequantised weights. -> {"path": fastest, "us": {path: geometric mean over rows of the fastest of 5 batches, us
-    per call}, "rows": rows, "sample_rows": rows of w used}."""
+    """Times ops.linear for each path on the first rows of w (up to SAMPLE_BYTES) at each row count, with torch's
+    current number of threads (the runtime's: the paths scale differently, e.g. MKL's sgemm gains less from a second
+    thread at these sizes than the blocked kernel), in the calling thread's CPU time on one thread (so that other
+    processes on a shared machine change nothing) and in wall time on more; a sample under ROTATE_BYTES is measured in
+    turn over copies of it, so that each call reads its weight from beyond L2, as a forward does. A path whose output
+    leaves the fp32 reference by more than _max_error allows is dropped with a warning. With scale, w is int8 q (N, K)
+    of scales (N,), the paths are int8 ones, x is fp32 and the reference uses the dequantised weights. -> {"path":
+    fastest, "us": {path: geometric mean over rows of the fastest of 5 batches, us per call}, "rows": rows,
+    "sample_rows": rows of w used, "threads": threads}."""
     ops = _ops()
     N, K = w.shape
     n = min(N, max(ops.LINEAR_PANEL_N, SAMPLE_BYTES // (K * w.element_size())))
@@ -304,39 +312,40 @@ def measure_paths(w: torch.Tensor, paths, rows=MEASURE_ROWS, scale: torch.Tensor
             warnings.warn(f"llada_rt.linear: path {p} gives wrong results for {what} (N, K) = ({n}, {K}) and is "
                           f"not used: {'; '.join(bad)}")
             continue
-        lins[p] = lin
+        copies = max(1, -(-ROTATE_BYTES // max(lin.nbytes, 1)))
+        lins[p] = [lin] + [dataclasses.replace(lin, tensor=lin.tensor.clone()) for _ in range(copies - 1)]
         outs[p] = [torch.empty(x.shape[0], n, dtype=x_dtype) for x in xs]
     if not lins:
         raise RuntimeError(f"llada_rt.linear: every candidate path ({', '.join(paths)}) failed its accuracy check for "
                            f"(N, K) = ({N}, {K}); see the warnings above")
-    per_call = {p: [] for p in lins}
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # the calling thread's CPU time is then all the work: other processes cannot add to it
-    try:
-        for i, x in enumerate(xs):
-            calls = {}
-            for p, lin in lins.items():   # calls per batch: enough for about half a millisecond
-                t0 = time.thread_time()
+    # one thread: its CPU time is all the work, so other processes cannot add to it; more: wall time
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    per_call = {p: [] for p in lins}
+    for i, x in enumerate(xs):
+        calls = {}
+        for p, copies in lins.items():   # calls per batch: enough for about half a millisecond, whole rotations
+            t0 = clock()
+            for lin in copies:
                 ops.linear(x, lin, out=outs[p][i])
-                calls[p] = max(1, min(1000, int(5e-4 / max(time.thread_time() - t0, 1e-7))))
-            samples = {p: [] for p in lins}
-            for _ in range(5):
-                for p, lin in lins.items():
-                    out = outs[p][i]
-                    t0 = time.thread_time()
-                    for _ in range(calls[p]):
-                        ops.linear(x, lin, out=out)
-                    samples[p].append((time.thread_time() - t0) / calls[p])
-            for p in lins:
-                per_call[p].append(min(samples[p]))
-    finally:
-        torch.set_num_threads(threads)
+            one = max(clock() - t0, 1e-7) / len(copies)
+            calls[p] = len(copies) * max(1, min(1000, int(5e-4 / one)) // len(copies))
+        samples = {p: [] for p in lins}
+        for _ in range(5):
+            for p, copies in lins.items():
+                out = outs[p][i]
+                t0 = clock()
+                for c in range(calls[p]):
+                    ops.linear(x, copies[c % len(copies)], out=out)
+                samples[p].append((clock() - t0) / calls[p])
+        for p in lins:
+            per_call[p].append(min(samples[p]))
     us = {p: 1e6 * math.exp(sum(math.log(t) for t in ts) / len(ts)) for p, ts in per_call.items()}
     best = min(us, key=us.get)
     first = next(iter(us))
     if best != first and us[best] > (1 - NEAR_TIE) * us[first]:
         best = first
-    return {"path": best, "us": us, "rows": list(rows), "sample_rows": n}
+    return {"path": best, "us": us, "rows": list(rows), "sample_rows": n, "threads": threads}
 
 
 def cache_file() -> Path | None:

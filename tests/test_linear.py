@@ -8,6 +8,8 @@ outputs are rounded once (2^-8 relative) on top of that. The CPU int8 kernels qu
 max |x| / (2 qmax), per element, times sum |w|)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -233,6 +235,39 @@ def test_choose_path_measures_once_and_caches(tmp_path, monkeypatch):
         monkeypatch.setattr(L, "measure_paths", lambda *a, **k: pytest.fail("measured again despite the cache"))
         assert choose_path(W)[0] == path
     assert Linear.from_dense(W).path == path
+
+
+def test_the_choice_is_per_thread_count(tmp_path, monkeypatch):
+    """The paths scale differently with threads, so the choice is measured (and cached) at torch's thread count at
+    the time: another count measures afresh, and each measurement records the count it ran with."""
+    import llada_rt.linear as L
+
+    candidates = [p for p in L.CPU_CANDIDATES[torch.float32] if ops.linear_path_supported(p, "cpu")]
+    if len(candidates) < 2:
+        pytest.skip("one float32 path on this CPU: nothing is measured")
+    monkeypatch.setenv("LLADA_RT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(L, "_CACHE", None)
+    seen = []
+    real = L.measure_paths
+
+    def counting(*a, **k):
+        seen.append(torch.get_num_threads())
+        return real(*a, **k)
+
+    monkeypatch.setattr(L, "measure_paths", counting)
+    W = torch.randn(72, 40)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 1, 2):
+            torch.set_num_threads(n)
+            path, reason = choose_path(W)
+            print(n, path, reason)
+            assert f"{n} thread" in reason
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1, 2]
+    cache = json.loads(next(tmp_path.glob("linear_paths-*.json")).read_text())
+    assert {cache[f"cpu float32 N=72 K=40 threads={n}"]["threads"] for n in (1, 2)} == {1, 2}
 
 
 def test_measure_paths_drops_a_wrong_path(monkeypatch):
