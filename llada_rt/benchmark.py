@@ -131,12 +131,13 @@ def _percentile(xs: list[float], q: float) -> float:
     return xs[i]
 
 
-def run_arrivals(rt, prompts, options: dict, rate: float, seed: int = 0, log=print) -> dict:
+def run_arrivals(rt, prompts, options: dict, rate: float, seed: int = 0, engine_first: bool = False,
+                 log=print) -> dict:
     """Requests arriving as a seeded Poisson process at `rate` per second, served twice from the same arrival
     schedule: by the engine (each request joins at the next step after it arrives, continuous batching) and one
-    after another with generate() (a request starts when it has arrived and the previous one is done). Reports
-    requests/s and output tokens/s over the whole run (first arrival to last completion), latency p50/p99 (arrival
-    to completion) and whether both gave the same tokens."""
+    after another with generate() (a request starts when it has arrived and the previous one is done), in that order
+    when engine_first. Reports requests/s and output tokens/s over the whole run (first arrival to last completion),
+    latency p50/p99 (arrival to completion) and whether both gave the same tokens."""
     import random
     import time as _time
 
@@ -161,48 +162,73 @@ def run_arrivals(rt, prompts, options: dict, rate: float, seed: int = 0, log=pri
             f"{row['latency_p99_s']:>10.3f}{span:>9.2f}")
         return row
 
+    def one_after_another():
+        t0 = _time.perf_counter()
+        done_at, answers = [], []
+        for a, p in zip(arrivals, ids):
+            wait = a - (_time.perf_counter() - t0)
+            if wait > 0:
+                _time.sleep(wait)
+            answers.append(rt.generate(p, **options).token_ids[0])
+            done_at.append(_time.perf_counter() - t0)
+        return summary("sequential", done_at, answers), answers
+
+    def by_the_engine():
+        forwards0, phase_s0 = rt.engine.forwards, rt.engine.timer.seconds()
+        t0 = _time.perf_counter()
+        reqs, done_at, nxt = [None] * len(ids), [0.0] * len(ids), 0
+        while nxt < len(ids) or any(not r.done for r in reqs if r is not None):
+            now = _time.perf_counter() - t0
+            while nxt < len(ids) and arrivals[nxt] <= now:
+                reqs[nxt] = rt.add(ids[nxt], gc)
+                nxt += 1
+            if not any(r is not None and not r.done for r in reqs):
+                _time.sleep(max(0.0, arrivals[nxt] - (_time.perf_counter() - t0)))
+                continue
+            rt.step()
+            now = _time.perf_counter() - t0
+            for i, r in enumerate(reqs):
+                if r is not None and r.done and not done_at[i]:
+                    done_at[i] = now
+        answers = [rt.tokenizer.cut_at_stop(r.answer) for r in reqs]
+        row = summary("engine", done_at, answers)
+        phase_s = {k: v - phase_s0.get(k, 0.0) for k, v in rt.engine.timer.seconds().items()}
+        row.update(forwards=rt.engine.forwards - forwards0, forward_s={k: v for k, v in phase_s.items() if v > 0})
+        log(f"engine: {row['forwards']} forwards; seconds per kind of forward: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in sorted(row["forward_s"].items())))
+        return row, answers
+
     log(f"# {len(ids)} requests, Poisson arrivals at {rate}/s (seed {seed}), options {options}")
     log(f"{'serving':<12}{'req/s':>10}{'out tok/s':>12}{'p50 s':>10}{'p99 s':>10}{'span s':>9}")
-    # one after another
-    t0 = _time.perf_counter()
-    seq_done, seq_answers = [], []
-    for a, p in zip(arrivals, ids):
-        wait = a - (_time.perf_counter() - t0)
-        if wait > 0:
-            _time.sleep(wait)
-        seq_answers.append(rt.generate(p, **options).token_ids[0])
-        seq_done.append(_time.perf_counter() - t0)
-    sequential = summary("sequential", seq_done, seq_answers)
-    # the engine
-    forwards0, phase_s0 = rt.engine.forwards, rt.engine.timer.seconds()
-    t0 = _time.perf_counter()
-    reqs, done_at, nxt = [None] * len(ids), [0.0] * len(ids), 0
-    while nxt < len(ids) or any(not r.done for r in reqs if r is not None):
-        now = _time.perf_counter() - t0
-        while nxt < len(ids) and arrivals[nxt] <= now:
-            reqs[nxt] = rt.add(ids[nxt], gc)
-            nxt += 1
-        if not any(r is not None and not r.done for r in reqs):
-            _time.sleep(max(0.0, arrivals[nxt] - (_time.perf_counter() - t0)))
-            continue
-        rt.step()
-        now = _time.perf_counter() - t0
-        for i, r in enumerate(reqs):
-            if r is not None and r.done and not done_at[i]:
-                done_at[i] = now
-    eng_answers = [rt.tokenizer.cut_at_stop(r.answer) for r in reqs]
-    engine = summary("engine", done_at, eng_answers)
-    phase_s = {k: v - phase_s0.get(k, 0.0) for k, v in rt.engine.timer.seconds().items()}
-    engine.update(forwards=rt.engine.forwards - forwards0,
-                  forward_s={k: v for k, v in phase_s.items() if v > 0})
-    log(f"engine: {engine['forwards']} forwards; seconds per kind of forward: "
-        + ", ".join(f"{k} {v:.3f}" for k, v in sorted(engine["forward_s"].items())))
+    if engine_first:
+        engine, eng_answers = by_the_engine()
+        sequential, seq_answers = one_after_another()
+    else:
+        sequential, seq_answers = one_after_another()
+        engine, eng_answers = by_the_engine()
     same = eng_answers == seq_answers
     log(f"engine / sequential: {engine['requests_per_s'] / sequential['requests_per_s']:.2f}x requests/s; "
         f"identical outputs: {same}")
     return {"arrivals_s": arrivals, "rate": rate, "seed": seed, "options": options, "config": dataclasses.asdict(gc),
-            "sequential": sequential, "engine": engine, "identical": same,
+            "sequential": sequential, "engine": engine, "identical": same, "engine_first": engine_first,
             "speedup": engine["requests_per_s"] / sequential["requests_per_s"]}
+
+
+def run_arrivals_rounds(rt, prompts, options: dict, rate: float, seed: int = 0, rounds: int = 1, log=print) -> dict:
+    """run_arrivals `rounds` times in one process, the engine first in every other round (so that a drift of the
+    machine's speed favours neither side), -> the rounds, their engine / sequential ratios and the median ratio."""
+    runs = []
+    for r in range(rounds):
+        if rounds > 1:
+            log(f"## round {r + 1} of {rounds}")
+        runs.append(run_arrivals(rt, prompts, options, rate, seed, engine_first=r % 2 == 1, log=log))
+    ratios = [x["speedup"] for x in runs]
+    median = statistics.median(ratios)
+    if rounds > 1:
+        log(f"engine / sequential per round: {', '.join(f'{x:.2f}x' for x in ratios)}; median {median:.2f}x; "
+            f"identical outputs in every round: {all(x['identical'] for x in runs)}")
+    return {"rounds": runs, "speedups": ratios, "speedup_median": median,
+            "identical": all(x["identical"] for x in runs)}
 
 
 def run_scaling(rt, prompts, options: dict, batches: list[int], repeat: int = 3, log=print) -> dict:
@@ -313,10 +339,15 @@ def main(argv=None, default_prompts=None, prog=None) -> int:
     ap.add_argument("--rate", type=float, default=50.0, help="arrival rate per second with --arrivals")
     ap.add_argument("--mode", default="exact", help=f"with --arrivals or --scaling: the mode ({', '.join(MODE_OPTIONS)})")
     ap.add_argument("--seed", type=int, default=0, help="arrival schedule seed with --arrivals")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="with --arrivals: serve the schedule both ways this many times, alternating which goes first; "
+                         "reports each round's ratio and the median")
     ap.add_argument("--scaling", default=None, metavar="B,B,...",
                     help="ms per step of one generate() call over 1..B prompts in --mode (e.g. 1,2,4,8)")
     ap.add_argument("--json", default="bench_generate.json", help="where to write the JSON (default: %(default)s)")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.arrivals is not None:
         args.num_prompts = args.arrivals
     batches = None
@@ -357,9 +388,10 @@ def main(argv=None, default_prompts=None, prog=None) -> int:
             out = run_scaling(rt, prompts, opts, batches, repeat=args.repeat)
             out["env"] = environment(rt, dict(scaling=batches, mode=args.mode))
         elif args.arrivals is not None:
-            out = run_arrivals(rt, [prompts[i % len(prompts)] for i in range(args.arrivals)], opts, args.rate,
-                               args.seed)
-            out["env"] = environment(rt, dict(arrivals=args.arrivals, rate=args.rate, mode=args.mode))
+            out = run_arrivals_rounds(rt, [prompts[i % len(prompts)] for i in range(args.arrivals)], opts, args.rate,
+                                      args.seed, rounds=args.rounds)
+            out["env"] = environment(rt, dict(arrivals=args.arrivals, rate=args.rate, mode=args.mode,
+                                              rounds=args.rounds))
         else:
             out = run_benchmark(rt, prompts, modes, gen, threshold=args.threshold, repeat=args.repeat,
                                 warmup=args.warmup, cuda_graph=args.cuda_graph)

@@ -126,11 +126,17 @@ def test_bench_arrivals_and_scaling(tmp_path):
     """The engine benchmarks through the command: staggered requests give the same answers served together as one
     after another; the scaling rows cover every batch size asked for."""
     r = cli("bench", "--device", "cpu", "--arrivals", "3", "--mode", "dual", "--gen-length", "16", "--block-length",
-            "8", "--rate", "200", "--json", str(tmp_path / "a.json"))
+            "8", "--rate", "200", "--rounds", "2", "--json", str(tmp_path / "a.json"))
     print(r.stdout[-600:], r.stderr[-600:])
     assert r.returncode == 0, r.stderr
     out = json.loads((tmp_path / "a.json").read_text())
-    assert out["identical"] is True and out["engine"]["requests"] == out["sequential"]["requests"] == 3
+    assert out["identical"] is True and len(out["rounds"]) == len(out["speedups"]) == 2
+    assert [x["engine_first"] for x in out["rounds"]] == [False, True]
+    for x in out["rounds"]:
+        assert x["identical"] is True and x["engine"]["requests"] == x["sequential"]["requests"] == 3
+        assert x["speedup"] == x["engine"]["requests_per_s"] / x["sequential"]["requests_per_s"]
+    assert min(out["speedups"]) <= out["speedup_median"] <= max(out["speedups"])
+    assert_clean_error(cli("bench", "--arrivals", "3", "--rounds", "0"), 2, "--rounds")
     r = cli("bench", "--device", "cpu", "--scaling", "1,3", "--mode", "exact", "--gen-length", "8", "--block-length",
             "8", "--repeat", "1", "--json", str(tmp_path / "s.json"))
     print(r.stdout[-600:], r.stderr[-600:])
