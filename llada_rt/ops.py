@@ -28,7 +28,7 @@ def _eager(*tensors: torch.Tensor) -> bool:
     compiling): then an op's body may run without the dispatcher's round trip (several us a call, as much as a small
     kernel); otherwise the registered op runs, so tracing and fake tensors see it."""
     return (all(type(t) is torch.Tensor for t in tensors) and not torch._C._len_torch_dispatch_stack()
-            and not torch._C._is_torch_function_mode_enabled())
+            and not torch._C._is_torch_function_mode_enabled() and not torch.compiler.is_compiling())
 
 
 def _stream(t: torch.Tensor) -> int:
@@ -454,6 +454,8 @@ def cpu_isa() -> str:
 def _row_stride(t: torch.Tensor, op: str, name: str) -> int:
     """Element stride between the rows of t (..., n) seen as (M, n): the leading dims must collapse into one (as a
     view would, without a copy) and the last has unit stride."""
+    if t.dim() >= 1 and t.is_contiguous():
+        return t.shape[-1]
     _check(t.dim() >= 1, op, lambda: f"{name} must have at least one dimension, got a scalar")
     _check(t.stride(-1) == 1 or t.shape[-1] <= 1, op,
            lambda: f"{name} must have unit stride over its last dim, got strides {t.stride()}")
@@ -546,7 +548,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tenso
     composition on CPU (the sum of squares follows torch's own summation order)."""
     if out is None:
         return torch.ops.llada_rt.rms_norm(x, weight, float(eps))
-    torch.ops.llada_rt.rms_norm_out(out, x, weight, float(eps))
+    if out.device.type == "cpu" and _eager(out, x, weight):
+        _rms_norm_into(out, x, weight, float(eps))
+    else:
+        torch.ops.llada_rt.rms_norm_out(out, x, weight, float(eps))
     return out
 
 
@@ -614,7 +619,10 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch
     with the same table on CPU. A position outside [0, P) raises on CPU; on CUDA it is the caller's contract."""
     if out is None:
         return torch.ops.llada_rt.rope(x, positions, cos, sin, bool(full_precision))
-    torch.ops.llada_rt.rope_out(out, x, positions, cos, sin, bool(full_precision))
+    if out.device.type == "cpu" and _eager(out, x, positions, cos, sin):
+        _rope_into(out, x, positions, cos, sin, bool(full_precision))
+    else:
+        torch.ops.llada_rt.rope_out(out, x, positions, cos, sin, bool(full_precision))
     return out
 
 
@@ -656,7 +664,10 @@ def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
     F.silu(gate) * up in that dtype (silu rounded, then the product), written into `out` when given."""
     if out is None:
         return torch.ops.llada_rt.silu_mul(gate_up)
-    torch.ops.llada_rt.silu_mul_out(out, gate_up)
+    if out.device.type == "cpu" and _eager(out, gate_up):
+        _silu_mul_into(out, gate_up)
+    else:
+        torch.ops.llada_rt.silu_mul_out(out, gate_up)
     return out
 
 
@@ -823,7 +834,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_start: torc
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if out is None:
         return torch.ops.llada_rt.attention(q, k, v, key_start, key_end, kv_rows, scale)
-    torch.ops.llada_rt.attention_out(out, q, k, v, key_start, key_end, kv_rows, scale)
+    if out.device.type == "cpu" and _eager(out, q, k, v, *(t for t in (key_start, key_end, kv_rows) if t is not None)):
+        _attention_into(out, q, k, v, key_start, key_end, kv_rows, scale)
+    else:
+        torch.ops.llada_rt.attention_out(out, q, k, v, key_start, key_end, kv_rows, scale)
     return out
 
 
@@ -1038,7 +1052,7 @@ def linear(x: torch.Tensor, w, out: torch.Tensor | None = None) -> torch.Tensor:
             _check(False, "linear", f"the weight is on {t.device} but x is on {x.device}")
         torch.mm(x2, t.t() if w.path == "torch_nk" else t, out=out2)
     elif w.path in LINEAR_LAYOUTS:
-        if _eager(x2, out2):
+        if out2.device.type == "cpu" and _eager(x2, out2):
             _linear_out_impl(out2, x2, w.tensor, w.scale, LINEAR_LAYOUTS[w.path])   # the op's own body, undispatched
         else:
             torch.ops.llada_rt.linear_out(out2, x2, w.tensor, w.scale, LINEAR_LAYOUTS[w.path])
