@@ -15,16 +15,25 @@ class Workspace:
         self.device = device
         self.buffers: dict[str, torch.Tensor] = {}
         self.version = 0
+        # (name, shape, dtype) -> the view get returned, valid while the name's buffer stays: a step asks for the same
+        # few dozen views every time, and making one (a slice and a view) costs several us
+        self._views: dict[tuple, torch.Tensor] = {}
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
         """zero: a (re)allocated buffer starts as zeros, not uninitialised memory."""
+        key = (name, tuple(shape), dtype)
+        view = self._views.get(key)
+        if view is not None:
+            return view
         n = math.prod(shape)
         buf = self.buffers.get(name)
         if buf is None or buf.numel() < n or buf.dtype != dtype:
             size = max(n, buf.numel() if buf is not None and buf.dtype == dtype else 0)
             buf = self.buffers[name] = (torch.zeros if zero else torch.empty)(size, dtype=dtype, device=self.device)
             self.version += 1
-        return buf[:n].view(shape)
+            self._views = {k: v for k, v in self._views.items() if k[0] != name}
+        view = self._views[key] = buf[:n].view(shape)
+        return view
 
     @property
     def nbytes(self) -> int:
