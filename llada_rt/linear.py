@@ -30,6 +30,7 @@ MEASURE_ROWS = (1, 8, 32, 64, 256)   # the step shapes: one masked row up to a 6
 SAMPLE_BYTES = 32 << 20          # weight rows measured per shape: about an L3's worth, so streaming from memory counts
 ROTATE_BYTES = 8 << 20           # smaller samples are measured in turn over copies of this many bytes in all: in a
                                  # forward each weight comes back after every other layer's, out of L2 by then
+ROTATE_COPIES = 64               # at most this many copies (a tiny weight's copies would take seconds to time)
 NEAR_TIE = 0.03                  # another path must be this much faster than the plain layout to replace it
 CACHE_VERSION = 2                # bump when the kernels or the measurement change, to measure afresh
 _TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}  # candidate vs fp32 ref, of max |ref|
@@ -278,7 +279,7 @@ def measure_paths(w: torch.Tensor, paths, rows=MEASURE_ROWS, scale: torch.Tensor
     current number of threads (the runtime's: the paths scale differently, e.g. MKL's sgemm gains less from a second
     thread at these sizes than the blocked kernel), in the calling thread's CPU time on one thread (so that other
     processes on a shared machine change nothing) and in wall time on more; a sample under ROTATE_BYTES is measured in
-    turn over copies of it, so that each call reads its weight from beyond L2, as a forward does. A path whose output
+    turn over copies of it (up to ROTATE_COPIES), so that each call reads its weight from beyond L2, as a forward does. A path whose output
     leaves the fp32 reference by more than _max_error allows is dropped with a warning. With scale, w is int8 q (N, K)
     of scales (N,), the paths are int8 ones, x is fp32 and the reference uses the dequantised weights. -> {"path":
     fastest, "us": {path: geometric mean over rows of the fastest of 5 batches, us per call}, "rows": rows,
@@ -312,7 +313,7 @@ def measure_paths(w: torch.Tensor, paths, rows=MEASURE_ROWS, scale: torch.Tensor
             warnings.warn(f"llada_rt.linear: path {p} gives wrong results for {what} (N, K) = ({n}, {K}) and is "
                           f"not used: {'; '.join(bad)}")
             continue
-        copies = max(1, -(-ROTATE_BYTES // max(lin.nbytes, 1)))
+        copies = min(ROTATE_COPIES, max(1, -(-ROTATE_BYTES // max(lin.nbytes, 1))))
         lins[p] = [lin] + [dataclasses.replace(lin, tensor=lin.tensor.clone()) for _ in range(copies - 1)]
         outs[p] = [torch.empty(x.shape[0], n, dtype=x_dtype) for x in xs]
     if not lins:

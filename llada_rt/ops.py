@@ -27,8 +27,11 @@ def _eager(*tensors: torch.Tensor) -> bool:
     """Whether these are plain tensors outside any tracing (no fake or dispatch mode, no torch function mode, not
     compiling): then an op's body may run without the dispatcher's round trip (several us a call, as much as a small
     kernel); otherwise the registered op runs, so tracing and fake tensors see it."""
-    return (all(type(t) is torch.Tensor for t in tensors) and not torch._C._len_torch_dispatch_stack()
-            and not torch._C._is_torch_function_mode_enabled() and not torch.compiler.is_compiling())
+    for t in tensors:   # a loop: all() over a generator cost more than the dispatcher round trip it saves
+        if type(t) is not torch.Tensor:
+            return False
+    return not (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+                or torch.compiler.is_compiling())
 
 
 def _stream(t: torch.Tensor) -> int:
@@ -856,17 +859,21 @@ def _check_advance(tensors, block_length, stop_ids) -> None:
     _check(canvas.dim() == 2 and canvas.stride(1) == 1, op, f"canvas must be (R, T) with unit stride over T, got shape "
            f"{tuple(canvas.shape)} strides {canvas.stride()}")
     R = canvas.shape[0]
+    # the messages are built only on failure: this runs after every step
     for (name, dtype), t in zip(_ADVANCE_STATE, tensors):
-        _check(t.dtype == dtype, op, f"{name} must be {dtype}, got {t.dtype}")
-        _check(t.device == canvas.device, op, f"{name} is on {t.device} but canvas is on {canvas.device}")
-        if name not in ("canvas", "slots"):
-            _check(tuple(t.shape) == (R,) and t.is_contiguous(), op,
-                   f"{name} must be a contiguous ({R},) tensor (one entry per canvas row), got {tuple(t.shape)}")
-    _check(slots.dim() == 1 and slots.is_contiguous(), op, f"slots must be a contiguous (B,) tensor, got "
-           f"{tuple(slots.shape)}")
-    _check(0 < block_length <= canvas.shape[1], op, f"block_length must be in [1, T = {canvas.shape[1]}], got "
-           f"{block_length}")
-    _check(len(stop_ids) <= MAX_SPECIAL_IDS, op, f"at most {MAX_SPECIAL_IDS} stop ids, got {len(stop_ids)}")
+        if t.dtype != dtype:
+            _check(False, op, f"{name} must be {dtype}, got {t.dtype}")
+        if t.device != canvas.device:
+            _check(False, op, f"{name} is on {t.device} but canvas is on {canvas.device}")
+        if name not in ("canvas", "slots") and not (t.shape == (R,) and t.is_contiguous()):
+            _check(False, op, f"{name} must be a contiguous ({R},) tensor (one entry per canvas row), got "
+                   f"{tuple(t.shape)}")
+    if not (slots.dim() == 1 and slots.is_contiguous()):
+        _check(False, op, f"slots must be a contiguous (B,) tensor, got {tuple(slots.shape)}")
+    if not 0 < block_length <= canvas.shape[1]:
+        _check(False, op, f"block_length must be in [1, T = {canvas.shape[1]}], got {block_length}")
+    if len(stop_ids) > MAX_SPECIAL_IDS:
+        _check(False, op, f"at most {MAX_SPECIAL_IDS} stop ids, got {len(stop_ids)}")
 
 
 def advance(status, canvas, slots, block_start, step, nsteps, k, spb, prompt_len, length, rule, early_stop, filled, *,
