@@ -1,4 +1,6 @@
-"""The only importer of llada_rt._C: registers each kernel as a torch op, checks inputs, dispatches CPU vs CUDA."""
+"""The only importer of llada_rt._C: registers each kernel as a torch op, checks inputs, dispatches CPU vs CUDA. The
+per-step ops given `out` run the op's own body directly for plain CPU tensors outside tracing (_eager): the same checks
+and kernel, without the dispatcher's round trip; anything else goes through the registered op."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -278,7 +280,11 @@ def confidence(logits: torch.Tensor, masked: torch.Tensor, *, temperature: torch
     if out is None:
         return torch.ops.llada_rt.confidence(*args)
     token, prob = out
-    torch.ops.llada_rt.confidence_out(token, prob, *args)
+    if logits.device.type == "cpu" and _eager(token, prob, logits, masked, temperature, seed, offset, position,
+                                              random_confidence, suppress_mask, zero_conf_mask):
+        _confidence_out_impl(token, prob, *args)
+    else:
+        torch.ops.llada_rt.confidence_out(token, prob, *args)
     return token, prob
 
 
@@ -430,7 +436,10 @@ def remask(block: torch.Tensor, token: torch.Tensor, prob: torch.Tensor, *, mask
     args = (token, prob, int(mask_id), k, rule, threshold, factor)
     if out is None:
         return torch.ops.llada_rt.remask(block, *args)
-    torch.ops.llada_rt.remask_out(block, out, *args)
+    if block.device.type == "cpu" and _eager(block, out, token, prob, k, rule, threshold, factor):
+        _remask_out_impl(block, out, *args)
+    else:
+        torch.ops.llada_rt.remask_out(block, out, *args)
     return out
 
 
