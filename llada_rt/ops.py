@@ -25,11 +25,14 @@ def _check(cond: bool, op: str, msg) -> None:
         raise OpInputError(f"llada_rt.ops.{op}: {msg() if callable(msg) else msg}")
 
 
-def _eager(*tensors: torch.Tensor) -> bool:
-    """Whether these are plain tensors outside any tracing (no fake or dispatch mode, no torch function mode, not
-    compiling): then an op's body may run without the dispatcher's round trip (several us a call, as much as a small
-    kernel); otherwise the registered op runs, so tracing and fake tensors see it."""
-    for t in tensors:   # a loop: all() over a generator cost more than the dispatcher round trip it saves
+def _eager(first: torch.Tensor, *rest: torch.Tensor) -> bool:
+    """Whether these are plain tensors, the first on the CPU, outside any tracing (no fake or dispatch mode, no torch
+    function mode, not compiling): then an op's body may run without the dispatcher's round trip (several us a call,
+    as much as a small kernel; the body's own checks catch a tensor on another device); otherwise the registered op
+    runs, so tracing and fake tensors see it, and CUDA keeps its verified path."""
+    if type(first) is not torch.Tensor or first.device.type != "cpu":
+        return False
+    for t in rest:   # a loop: all() over a generator cost more than the dispatcher round trip it saves
         if type(t) is not torch.Tensor:
             return False
     return not (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
@@ -280,8 +283,8 @@ def confidence(logits: torch.Tensor, masked: torch.Tensor, *, temperature: torch
     if out is None:
         return torch.ops.llada_rt.confidence(*args)
     token, prob = out
-    if logits.device.type == "cpu" and _eager(token, prob, logits, masked, temperature, seed, offset, position,
-                                              random_confidence, suppress_mask, zero_conf_mask):
+    if _eager(logits, token, prob, masked, temperature, seed, offset, position, random_confidence, suppress_mask,
+              zero_conf_mask):
         _confidence_out_impl(token, prob, *args)
     else:
         torch.ops.llada_rt.confidence_out(token, prob, *args)
@@ -436,7 +439,7 @@ def remask(block: torch.Tensor, token: torch.Tensor, prob: torch.Tensor, *, mask
     args = (token, prob, int(mask_id), k, rule, threshold, factor)
     if out is None:
         return torch.ops.llada_rt.remask(block, *args)
-    if block.device.type == "cpu" and _eager(block, out, token, prob, k, rule, threshold, factor):
+    if _eager(block, out, token, prob, k, rule, threshold, factor):
         _remask_out_impl(block, out, *args)
     else:
         torch.ops.llada_rt.remask_out(block, out, *args)
@@ -560,7 +563,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tenso
     composition on CPU (the sum of squares follows torch's own summation order)."""
     if out is None:
         return torch.ops.llada_rt.rms_norm(x, weight, float(eps))
-    if out.device.type == "cpu" and _eager(out, x, weight):
+    if _eager(out, x, weight):
         _rms_norm_into(out, x, weight, float(eps))
     else:
         torch.ops.llada_rt.rms_norm_out(out, x, weight, float(eps))
@@ -631,7 +634,7 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch
     with the same table on CPU. A position outside [0, P) raises on CPU; on CUDA it is the caller's contract."""
     if out is None:
         return torch.ops.llada_rt.rope(x, positions, cos, sin, bool(full_precision))
-    if out.device.type == "cpu" and _eager(out, x, positions, cos, sin):
+    if _eager(out, x, positions, cos, sin):
         _rope_into(out, x, positions, cos, sin, bool(full_precision))
     else:
         torch.ops.llada_rt.rope_out(out, x, positions, cos, sin, bool(full_precision))
@@ -676,7 +679,7 @@ def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
     F.silu(gate) * up in that dtype (silu rounded, then the product), written into `out` when given."""
     if out is None:
         return torch.ops.llada_rt.silu_mul(gate_up)
-    if out.device.type == "cpu" and _eager(out, gate_up):
+    if _eager(out, gate_up):
         _silu_mul_into(out, gate_up)
     else:
         torch.ops.llada_rt.silu_mul_out(out, gate_up)
@@ -846,7 +849,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_start: torc
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if out is None:
         return torch.ops.llada_rt.attention(q, k, v, key_start, key_end, kv_rows, scale)
-    if out.device.type == "cpu" and _eager(out, q, k, v, *(t for t in (key_start, key_end, kv_rows) if t is not None)):
+    if _eager(out, q, k, v, *(t for t in (key_start, key_end, kv_rows) if t is not None)):
         _attention_into(out, q, k, v, key_start, key_end, kv_rows, scale)
     else:
         torch.ops.llada_rt.attention_out(out, q, k, v, key_start, key_end, kv_rows, scale)
@@ -1068,7 +1071,7 @@ def linear(x: torch.Tensor, w, out: torch.Tensor | None = None) -> torch.Tensor:
             _check(False, "linear", f"the weight is on {t.device} but x is on {x.device}")
         torch.mm(x2, t.t() if w.path == "torch_nk" else t, out=out2)
     elif w.path in LINEAR_LAYOUTS:
-        if out2.device.type == "cpu" and _eager(x2, out2):
+        if _eager(out2, x2):
             _linear_out_impl(out2, x2, w.tensor, w.scale, LINEAR_LAYOUTS[w.path])   # the op's own body, undispatched
         else:
             torch.ops.llada_rt.linear_out(out2, x2, w.tensor, w.scale, LINEAR_LAYOUTS[w.path])

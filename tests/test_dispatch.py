@@ -62,3 +62,11 @@ def test_undispatched_path_keeps_the_checks():
         ops.rms_norm(x, torch.randn(7), 1e-5, out=torch.empty_like(x))
     with pytest.raises(ops.OpInputError, match="out must"):
         ops.rms_norm(x, w, 1e-5, out=torch.empty(4, 9))
+
+
+def test_only_plain_cpu_tensors_skip_the_dispatcher():
+    cpu, meta = torch.empty(2), torch.empty(2, device="meta")
+    assert ops._eager(cpu, cpu)
+    assert not ops._eager(meta, cpu) and not ops._eager(cpu, cpu.as_subclass(torch.nn.Parameter))
+    with Seen():
+        assert not ops._eager(cpu)
