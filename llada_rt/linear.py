@@ -228,9 +228,15 @@ def choose_path(w: torch.Tensor) -> tuple[str, str]:
     if entry is None or entry.get("path") not in paths:
         entry = measure_paths(w, paths)
         _cache_store(key, entry)
+    return entry["path"], _measured(entry)
+
+
+def _measured(entry: dict, note: str = "") -> str:
+    """The reason choose_path / choose_int8_path give for a measured choice (measure_paths' entry)."""
     times = ", ".join(f"{p} {us:.0f} us" for p, us in entry["us"].items())
-    return entry["path"], (f"measured ({times}; geometric mean over rows {tuple(entry['rows'])}, "
-                           f"{entry['threads']} thread{'s' if entry['threads'] > 1 else ''})")
+    threads = entry["threads"]
+    return (f"measured ({times}; geometric mean over rows {tuple(entry['rows'])}, {threads} "
+            f"thread{'s' if threads > 1 else ''}{note})")
 
 
 def choose_int8_path(q: torch.Tensor, scale: torch.Tensor) -> tuple[str, str]:
@@ -257,9 +263,7 @@ def choose_int8_path(q: torch.Tensor, scale: torch.Tensor) -> tuple[str, str]:
     if entry is None or entry.get("path") not in paths:
         entry = measure_paths(q, paths, scale=scale)
         _cache_store(key, entry)
-    times = ", ".join(f"{p} {us:.0f} us" for p, us in entry["us"].items())
-    return entry["path"], (f"measured ({times}; geometric mean over rows {tuple(entry['rows'])}, "
-                           f"{entry['threads']} thread{'s' if entry['threads'] > 1 else ''}, fp32 x)")
+    return entry["path"], _measured(entry, ", fp32 x")
 
 
 def _max_error(path: str, x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -279,11 +283,11 @@ def measure_paths(w: torch.Tensor, paths, rows=MEASURE_ROWS, scale: torch.Tensor
     current number of threads (the runtime's: the paths scale differently, e.g. MKL's sgemm gains less from a second
     thread at these sizes than the blocked kernel), in the calling thread's CPU time on one thread (so that other
     processes on a shared machine change nothing) and in wall time on more; a sample under ROTATE_BYTES is measured in
-    turn over copies of it (up to ROTATE_COPIES), so that each call reads its weight from beyond L2, as a forward does. A path whose output
-    leaves the fp32 reference by more than _max_error allows is dropped with a warning. With scale, w is int8 q (N, K)
-    of scales (N,), the paths are int8 ones, x is fp32 and the reference uses the dequantised weights. -> {"path":
-    fastest, "us": {path: geometric mean over rows of the fastest of 5 batches, us per call}, "rows": rows,
-    "sample_rows": rows of w used, "threads": threads}."""
+    turn over copies of it (up to ROTATE_COPIES), so that each call reads its weight from beyond L2, as a forward
+    does. A path whose output leaves the fp32 reference by more than _max_error allows is dropped with a warning.
+    With scale, w is int8 q (N, K) of scales (N,), the paths are int8 ones, x is fp32 and the reference uses the
+    dequantised weights. -> {"path": fastest, "us": {path: geometric mean over rows of the fastest of 5 batches, us
+    per call}, "rows": rows, "sample_rows": rows of w used, "threads": threads}."""
     ops = _ops()
     N, K = w.shape
     n = min(N, max(ops.LINEAR_PANEL_N, SAMPLE_BYTES // (K * w.element_size())))
@@ -330,7 +334,8 @@ def measure_paths(w: torch.Tensor, paths, rows=MEASURE_ROWS, scale: torch.Tensor
             for lin in copies:
                 ops.linear(x, lin, out=outs[p][i])
             one = max(clock() - t0, 1e-7) / len(copies)
-            calls[p] = len(copies) * max(1, min(1000, int(5e-4 / one)) // len(copies))
+            rotations = max(1, min(1000, int(5e-4 / one)) // len(copies))
+            calls[p] = rotations * len(copies)
         samples = {p: [] for p in lins}
         for _ in range(5):
             for p, copies in lins.items():
