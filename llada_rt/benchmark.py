@@ -231,10 +231,51 @@ def run_arrivals_rounds(rt, prompts, options: dict, rate: float, seed: int = 0, 
             "identical": all(x["identical"] for x in runs)}
 
 
-def run_scaling(rt, prompts, options: dict, batches: list[int], repeat: int = 3, log=print) -> dict:
+class KernelClock:
+    """While entered, times every call into the compiled kernels (the functions of llada_rt._C, which ops.py alone
+    calls) by kernel name: `seconds` and `calls`. A step's time outside them is its host side: Python, the ops'
+    checks and torch's own small ops. Each timed call costs about half a microsecond more than an untimed one."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def __enter__(self):
+        import time as _time
+
+        from . import ops
+        clock, real = self, ops._C
+
+        class Timed:
+            def __getattr__(_, name):
+                f = getattr(real, name)
+                if not callable(f) or isinstance(f, type):   # params structs and constants pass through
+                    return f
+
+                def timed(*args, **kwargs):
+                    t0 = _time.perf_counter()
+                    try:
+                        return f(*args, **kwargs)
+                    finally:
+                        clock.seconds[name] = clock.seconds.get(name, 0.0) + _time.perf_counter() - t0
+                        clock.calls[name] = clock.calls.get(name, 0) + 1
+                return timed
+
+        self._ops, self._real = ops, real
+        ops._C = Timed()
+        return self
+
+    def __exit__(self, *exc):
+        self._ops._C = self._real
+        return False
+
+
+def run_scaling(rt, prompts, options: dict, batches: list[int], repeat: int = 3, breakdown: bool = False,
+                log=print) -> dict:
     """Milliseconds per step of one generate() call over the first B prompts, for each B of `batches`, repeats
     interleaved across the batch sizes (median): how the cost of a step grows with the rows in it. B * ms(1) / ms(B)
-    is the most that serving B requests together can gain over serving them one after another."""
+    is the most that serving B requests together can gain over serving them one after another. With breakdown, one
+    more call per B under a KernelClock splits its step into the compiled kernels and the host side."""
     import time as _time
 
     ids = [rt.encode_prompts(p)[0] for p in prompts]
@@ -259,6 +300,35 @@ def run_scaling(rt, prompts, options: dict, batches: list[int], repeat: int = 3,
         row = dict(rows=b, nfe=nfe[b], ms_per_step=ms, ms_per_row_step=ms / b, gain_bound=b * ms1 / ms)
         rows.append(row)
         log(f"{b:>5}{nfe[b]:>6}{ms:>10.2f}{ms / b:>13.2f}{row['gain_bound']:>11.2f}x")
+    if breakdown:
+        log("# one more call per row count, its kernels timed: ms per step in each compiled kernel and outside them")
+        names = None
+        for row in rows:
+            b = row["rows"]
+            with KernelClock() as clock:
+                t0 = _time.perf_counter()
+                res = rt.generate(ids[:b], **options)
+                wall = _time.perf_counter() - t0
+            kernels = {k: 1e3 * v / res.nfe for k, v in sorted(clock.seconds.items(), key=lambda kv: -kv[1])}
+            names = names or [k for k in kernels][:6]
+            row["breakdown"] = dict(ms_per_step=1e3 * wall / res.nfe, kernels_ms=kernels,
+                                    kernel_calls_per_step={k: n / res.nfe for k, n in clock.calls.items()},
+                                    host_ms=1e3 * wall / res.nfe - sum(kernels.values()))
+        short = [n.removesuffix("_cpu").removesuffix("_cuda") for n in names]
+        log(f"{'rows':>5}{'ms/step':>10}{'kernels':>9}{'host':>8}" + "".join(f"{n:>11}" for n in short))
+        for row in rows:
+            bd = row["breakdown"]
+            log(f"{row['rows']:>5}{bd['ms_per_step']:>10.2f}{sum(bd['kernels_ms'].values()):>9.2f}{bd['host_ms']:>8.2f}"
+                + "".join(f"{bd['kernels_ms'].get(n, 0.0):>11.3f}" for n in names))
+        if len(rows) > 1:
+            first, last = rows[0], rows[-1]
+            d = last["rows"] - first["rows"]
+            per_row = {k: (last["breakdown"]["kernels_ms"].get(k, 0.0) - first["breakdown"]["kernels_ms"].get(k, 0.0))
+                       / d for k in last["breakdown"]["kernels_ms"]}
+            host = (last["breakdown"]["host_ms"] - first["breakdown"]["host_ms"]) / d
+            log(f"each further row adds {sum(per_row.values()) + host:.3f} ms per step: kernels "
+                f"{sum(per_row.values()):.3f} ({', '.join(f'{k} {v:.3f}' for k, v in per_row.items() if v >= 0.005)}),"
+                f" host {host:.3f}")
     return {"options": options, "scaling": rows}
 
 
@@ -344,10 +414,15 @@ def main(argv=None, default_prompts=None, prog=None) -> int:
                          "reports each round's ratio and the median")
     ap.add_argument("--scaling", default=None, metavar="B,B,...",
                     help="ms per step of one generate() call over 1..B prompts in --mode (e.g. 1,2,4,8)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="with --scaling: split each step into the compiled kernels and the host side (one more call "
+                         "per row count)")
     ap.add_argument("--json", default="bench_generate.json", help="where to write the JSON (default: %(default)s)")
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.breakdown and args.scaling is None:
+        ap.error("--breakdown splits the --scaling steps; give --scaling too (e.g. --scaling 1,8 --breakdown)")
     if args.arrivals is not None:
         args.num_prompts = args.arrivals
     batches = None
@@ -385,7 +460,7 @@ def main(argv=None, default_prompts=None, prog=None) -> int:
             opts = {k: (args.threshold if v is True else v) for k, v in MODE_OPTIONS[args.mode].items()}
             opts.update({k: v for k, v in gen.items() if v is not None})
         if batches is not None:
-            out = run_scaling(rt, prompts, opts, batches, repeat=args.repeat)
+            out = run_scaling(rt, prompts, opts, batches, repeat=args.repeat, breakdown=args.breakdown)
             out["env"] = environment(rt, dict(scaling=batches, mode=args.mode))
         elif args.arrivals is not None:
             out = run_arrivals_rounds(rt, [prompts[i % len(prompts)] for i in range(args.arrivals)], opts, args.rate,

@@ -138,12 +138,43 @@ def test_bench_arrivals_and_scaling(tmp_path):
     assert min(out["speedups"]) <= out["speedup_median"] <= max(out["speedups"])
     assert_clean_error(cli("bench", "--arrivals", "3", "--rounds", "0"), 2, "--rounds")
     r = cli("bench", "--device", "cpu", "--scaling", "1,3", "--mode", "exact", "--gen-length", "8", "--block-length",
-            "8", "--repeat", "1", "--json", str(tmp_path / "s.json"))
-    print(r.stdout[-600:], r.stderr[-600:])
+            "8", "--repeat", "1", "--breakdown", "--json", str(tmp_path / "s.json"))
+    print(r.stdout[-900:], r.stderr[-600:])
     assert r.returncode == 0, r.stderr
     rows = json.loads((tmp_path / "s.json").read_text())["scaling"]
     assert [row["rows"] for row in rows] == [1, 3] and all(row["nfe"] == 8 for row in rows)
+    n_layers = 4   # the shipped model: an rms_norm before attention and MLP in each layer, one before the LM head
+    for row in rows:   # the breakdown counts each kernel call of the step, and its kernels fit in the step's time
+        bd = row["breakdown"]
+        assert bd["kernel_calls_per_step"]["rms_norm_cpu"] == 2 * n_layers + 1
+        assert bd["kernel_calls_per_step"]["attention_cpu"] == n_layers
+        assert all(ms > 0 for ms in bd["kernels_ms"].values())
+        assert 0 < sum(bd["kernels_ms"].values()) < bd["ms_per_step"] and bd["host_ms"] > 0
+    assert "each further row adds" in r.stdout
     assert_clean_error(cli("bench", "--scaling", "1,x"), 2, "--scaling")
+    assert_clean_error(cli("bench", "--breakdown"), 2, "--breakdown")
+
+
+def test_kernel_clock_times_and_restores():
+    """KernelClock times the compiled kernels by name while entered and puts ops._C back on exit, also after an
+    error inside it."""
+    import torch
+
+    from llada_rt import ops
+    from llada_rt.benchmark import KernelClock
+    real = ops._C
+    x, w = torch.randn(5, 24), torch.randn(24)
+    with KernelClock() as clock:
+        y = ops.rms_norm(x, w, 1e-5, out=torch.empty_like(x))
+        ops.rms_norm(x, w, 1e-5, out=torch.empty_like(x))
+    assert ops._C is real and clock.calls == {"rms_norm_cpu": 2} and clock.seconds["rms_norm_cpu"] > 0
+    torch.testing.assert_close(y, x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w)
+    try:
+        with KernelClock():
+            ops.rms_norm(x, torch.randn(7), 1e-5)
+    except ValueError:
+        pass
+    assert ops._C is real
 
 
 def test_bad_model_path():
