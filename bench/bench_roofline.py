@@ -1,5 +1,5 @@
-"""Roofline of the linears on this CPU: the machine's memory bandwidth (a stream probe), then per linear and per step the
-achieved GB/s of weights and GFLOP/s against it, for fp32, bf16 and int8 weights.
+"""Roofline of the linears on this CPU: the machine's memory bandwidth (a stream probe) and compute rate (a GEMM probe),
+then per linear and per step the achieved GB/s of weights and GFLOP/s against them, for fp32, bf16 and int8 weights.
 
     python bench/bench_roofline.py                                   # every section, 2 layers at LLaDA-8B shapes
     python bench/bench_roofline.py --sections stream,linear --shapes random --rows 1,32 --json out.json
@@ -7,7 +7,8 @@ achieved GB/s of weights and GFLOP/s against it, for fp32, bf16 and int8 weights
     python bench/bench_roofline.py --sections stream,linear --shapes 8b --dtypes bfloat16,int8 --rows 1-32 --threads 2
 
 Sections: `stream` (read-only sum and copy of a 1 GiB buffer with torch, best of 5: what the cores can pull from
-memory); `linear` (each linear of the random checkpoint of bench/RESULTS.md and of LLaDA-8B at 1..64 rows, every path
+memory); `compute` (torch's own GEMM of two 2048 x 2048 matrices in fp32 and in bf16, best of --iters: the GFLOP/s that
+a large, compute-bound matrix product reaches with torch's threads); `linear` (each linear of the random checkpoint of bench/RESULTS.md and of LLaDA-8B at 1..64 rows, every path
 this CPU runs (int8: both CPU kernels, blocked_int8 with int16 activations and blocked_int8x4 with int8 ones), the one
 choose_path / choose_int8_path picks marked '*'; then per linear a table with one column per path, and for the LM head
 the figure "over a block": the LM head summed over 32, 31, ..., 1 rows (logits for the masked rows of a 32-block, one
@@ -73,6 +74,22 @@ def stream_probe(iters: int) -> dict:
         b.copy_(a)
         best["copy_gbps"] = max(best["copy_gbps"], 8 * n / (CLOCK() - t0) / 1e9)
     del a, b
+    return best
+
+
+def compute_probe(iters: int, n: int = 2048) -> dict:
+    """GFLOP/s of torch.mm on two n x n matrices (2 n^3 flops), fp32 and bf16, best of iters after a warm-up."""
+    best = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        c = torch.empty(n, n, dtype=dtype)
+        torch.mm(a, b, out=c)
+        rate = 0.0
+        for _ in range(iters):
+            t0 = CLOCK()
+            torch.mm(a, b, out=c)
+            rate = max(rate, 2 * n ** 3 / (CLOCK() - t0) / 1e9)
+        best[f"{name}_gflops"] = rate
     return best
 
 
@@ -249,7 +266,7 @@ def step_row(model: str, layers: int, dname: str, iters: int, bw_gbps: float, lo
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sections", default="stream,linear,step,step8b")
+    ap.add_argument("--sections", default="stream,compute,linear,step,step8b")
     ap.add_argument("--shapes", default="random,8b", help="models of the linear section: random, 8b")
     ap.add_argument("--dtypes", default="float32,bfloat16,int8")
     ap.add_argument("--rows", default="1,8,32,64", help="rows (M) of the linear section: a list, ranges like 1-32")
@@ -295,6 +312,10 @@ def main(argv=None) -> int:
         log(f"stream probe: read (torch sum) {bw:.2f} GB/s, copy (read + write) {result['stream']['copy_gbps']:.2f} GB/s")
     if bw is None:
         bw = float("nan")
+    if "compute" in sections:
+        result["compute"] = compute_probe(args.iters)
+        log(f"compute probe: torch.mm 2048^3 fp32 {result['compute']['float32_gflops']:.0f} GFLOP/s, bf16 "
+            f"{result['compute']['bfloat16_gflops']:.0f} GFLOP/s")
     if "linear" in sections:
         result["linear"], result["lm_head_block"] = linear_rows(args.shapes.split(","), dtypes, parse_rows(args.rows),
                                                                 args.iters, bw, log)
