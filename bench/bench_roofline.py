@@ -7,8 +7,9 @@ then per linear and per step the achieved GB/s of weights and GFLOP/s against th
     python bench/bench_roofline.py --sections stream,linear --shapes 8b --dtypes bfloat16,int8 --rows 1-32 --threads 2
 
 Sections: `stream` (read-only sum and copy of a 1 GiB buffer with torch, best of 5: what the cores can pull from
-memory); `compute` (torch's own GEMM of two 2048 x 2048 matrices in fp32 and in bf16, best of --iters: the GFLOP/s that
-a large, compute-bound matrix product reaches with torch's threads); `linear` (each linear of the random checkpoint of bench/RESULTS.md and of LLaDA-8B at 1..64 rows, every path
+memory); `compute` (GFLOP/s in fp32 and bf16, best of --iters, of torch's own GEMM of two 2048 x 2048 matrices and of
+ops.linear on every path at 256 rows of a 1024 x 1024 weight: what a compute-bound matrix product reaches with
+torch's threads); `linear` (each linear of the random checkpoint of bench/RESULTS.md and of LLaDA-8B at 1..64 rows, every path
 this CPU runs (int8: both CPU kernels, blocked_int8 with int16 activations and blocked_int8x4 with int8 ones), the one
 choose_path / choose_int8_path picks marked '*'; then per linear a table with one column per path, and for the LM head
 the figure "over a block": the LM head summed over 32, 31, ..., 1 rows (logits for the masked rows of a 32-block, one
@@ -77,19 +78,29 @@ def stream_probe(iters: int) -> dict:
     return best
 
 
-def compute_probe(iters: int, n: int = 2048) -> dict:
-    """GFLOP/s of torch.mm on two n x n matrices (2 n^3 flops), fp32 and bf16, best of iters after a warm-up."""
+def compute_probe(iters: int, n: int = 2048, m: int = 256, k: int = 1024) -> dict:
+    """GFLOP/s, best of iters after a warm-up, in fp32 and bf16: torch.mm on two n x n matrices (2 n^3 flops), and
+    ops.linear on every path this CPU runs at m rows of a k x k weight (compute-bound: each weight element serves m
+    rows)."""
     best = {}
+    g = torch.Generator().manual_seed(0)
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
         c = torch.empty(n, n, dtype=dtype)
-        torch.mm(a, b, out=c)
-        rate = 0.0
-        for _ in range(iters):
-            t0 = CLOCK()
-            torch.mm(a, b, out=c)
-            rate = max(rate, 2 * n ** 3 / (CLOCK() - t0) / 1e9)
-        best[f"{name}_gflops"] = rate
+        x, y = torch.randn(m, k, generator=g).to(dtype), torch.empty(m, k, dtype=dtype)
+        w = (torch.randn(k, k, generator=g) * 0.02).to(dtype)
+        runs = {"torch.mm": (lambda: torch.mm(a, b, out=c), 2 * n ** 3)}
+        for path in paths_for(dtype):
+            lin = Linear.from_dense(w, path=path)
+            runs[f"linear {path}"] = (lambda lin=lin: ops.linear(x, lin, out=y), 2 * m * k * k)
+        for label, (fn, flops) in runs.items():
+            fn()
+            rate = 0.0
+            for _ in range(iters):
+                t0 = CLOCK()
+                fn()
+                rate = max(rate, flops / (CLOCK() - t0) / 1e9)
+            best[f"{name} {label}"] = rate
     return best
 
 
@@ -314,8 +325,8 @@ def main(argv=None) -> int:
         bw = float("nan")
     if "compute" in sections:
         result["compute"] = compute_probe(args.iters)
-        log(f"compute probe: torch.mm 2048^3 fp32 {result['compute']['float32_gflops']:.0f} GFLOP/s, bf16 "
-            f"{result['compute']['bfloat16_gflops']:.0f} GFLOP/s")
+        log("compute probe, GFLOP/s (torch.mm 2048^3; ops.linear 256 rows x 1024 x 1024 per path): "
+            + ", ".join(f"{k} {v:.0f}" for k, v in result["compute"].items()))
     if "linear" in sections:
         result["linear"], result["lm_head_block"] = linear_rows(args.shapes.split(","), dtypes, parse_rows(args.rows),
                                                                 args.iters, bw, log)
