@@ -138,11 +138,11 @@ def forward_batch(cfg: LLaDAConfig, w: ModelWeights, fb: ForwardBatch, cache=Non
     for i, layer in enumerate(w.layers):
         h = impl.rms_norm(x, layer.attn_norm, cfg.rms_norm_eps, out=scratch(ws, "h", (Q, d), dt))
         qkv = impl.linear(h, layer.wqkv, out=scratch(ws, "qkv", (Q, nqkv), dt))
-        q = qkv[:, :Hq * D].view(*qrows, Hq, D)                                   # strided views of qkv
-        k = qkv[:, Hq * D:(Hq + Hkv) * D].view(*qrows, Hkv, D)
+        # the q and k heads sit side by side in qkv and rotate alike: one RoPE call over all Hq + Hkv of them
+        qk = qkv[:, :(Hq + Hkv) * D].view(*qrows, Hq + Hkv, D)                    # strided views of qkv
+        qk = impl.rope(qk, positions, rope.cos, rope.sin, cfg.rope_full_precision, out=qk if inplace else None)
+        q, k = qk[..., :Hq, :], qk[..., Hq:, :]
         v = qkv[:, (Hq + Hkv) * D:].view(*qrows, Hkv, D)
-        q = impl.rope(q, positions, rope.cos, rope.sin, cfg.rope_full_precision, out=q if inplace else None)
-        k = impl.rope(k, positions, rope.cos, rope.sin, cfg.rope_full_precision, out=k if inplace else None)
         if fb.write_index is not None:
             ck, cv = cache.flat(i)                                                # (R * T, Hkv, D)
             ck.index_copy_(0, fb.write_index, k.reshape(Q, Hkv, D))
