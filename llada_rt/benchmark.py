@@ -234,7 +234,9 @@ def run_arrivals_rounds(rt, prompts, options: dict, rate: float, seed: int = 0, 
 class KernelClock:
     """While entered, times every call into the compiled kernels (the functions of llada_rt._C, which ops.py alone
     calls) by kernel name: `seconds` and `calls`. A step's time outside them is its host side: Python, the ops'
-    checks and torch's own small ops. Each timed call costs about half a microsecond more than an untimed one."""
+    checks and torch's own ops (the K/V cache writes, and the GEMMs of linears on a torch_* path among them). Each
+    timed call costs about half a microsecond more than an untimed one. CPU only: a CUDA call returns before its
+    kernel has run."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
@@ -459,6 +461,9 @@ def main(argv=None, default_prompts=None, prog=None) -> int:
                 ap.error(f"unknown --mode {args.mode!r}; choose from {', '.join(MODE_OPTIONS)}")
             opts = {k: (args.threshold if v is True else v) for k, v in MODE_OPTIONS[args.mode].items()}
             opts.update({k: v for k, v in gen.items() if v is not None})
+        if args.breakdown and rt.device.type != "cpu":
+            ap.error(f"--breakdown times the kernels on the CPU; on {rt.device.type} a call returns before its kernel "
+                     "runs, so use bench/profile.sh (nsys) or ncu there")
         if batches is not None:
             out = run_scaling(rt, prompts, opts, batches, repeat=args.repeat, breakdown=args.breakdown)
             out["env"] = environment(rt, dict(scaling=batches, mode=args.mode))
