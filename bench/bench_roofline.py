@@ -8,8 +8,8 @@ then per linear and per step the achieved GB/s of weights and GFLOP/s against th
 
 Sections: `stream` (read-only sum and copy of a 1 GiB buffer with torch, best of 5: what the cores can pull from
 memory); `compute` (GFLOP/s in fp32 and bf16, best of --iters, of torch's own GEMM of two 2048 x 2048 matrices and of
-ops.linear on every path at 256 rows of a 1024 x 1024 weight: what a compute-bound matrix product reaches with
-torch's threads); `linear` (each linear of the random checkpoint of bench/RESULTS.md and of LLaDA-8B at 1..64 rows, every path
+ops.linear on every path at 256 rows of a 1024 x 1024 weight: what a compute-bound matrix product reaches with torch's
+threads); `linear` (each linear of the random checkpoint of bench/RESULTS.md and of LLaDA-8B at 1..64 rows, every path
 this CPU runs (int8: both CPU kernels, blocked_int8 with int16 activations and blocked_int8x4 with int8 ones), the one
 choose_path / choose_int8_path picks marked '*'; then per linear a table with one column per path, and for the LM head
 the figure "over a block": the LM head summed over 32, 31, ..., 1 rows (logits for the masked rows of a 32-block, one
