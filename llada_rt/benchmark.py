@@ -235,7 +235,7 @@ class KernelClock:
     """While entered, times every call into the compiled kernels (the functions of llada_rt._C, which ops.py alone
     calls) by kernel name: `seconds` and `calls`. A step's time outside them is its host side: Python, the ops'
     checks and torch's own ops (the K/V cache writes, and the GEMMs of linears on a torch_* path among them). Each
-    timed call costs about half a microsecond more than an untimed one. CPU only: a CUDA call returns before its
+    timed call costs under a microsecond more than an untimed one. CPU only: a CUDA call returns before its
     kernel has run."""
 
     def __init__(self):
@@ -249,18 +249,20 @@ class KernelClock:
         clock, real = self, ops._C
 
         class Timed:
-            def __getattr__(_, name):
+            def __getattr__(self_, name):   # first use of a name: its timed wrapper, kept on the instance
                 f = getattr(real, name)
                 if not callable(f) or isinstance(f, type):   # params structs and constants pass through
                     return f
+                seconds, calls, clock_ = clock.seconds, clock.calls, _time.perf_counter
 
                 def timed(*args, **kwargs):
-                    t0 = _time.perf_counter()
+                    t0 = clock_()
                     try:
                         return f(*args, **kwargs)
                     finally:
-                        clock.seconds[name] = clock.seconds.get(name, 0.0) + _time.perf_counter() - t0
-                        clock.calls[name] = clock.calls.get(name, 0) + 1
+                        seconds[name] = seconds.get(name, 0.0) + clock_() - t0
+                        calls[name] = calls.get(name, 0) + 1
+                setattr(self_, name, timed)
                 return timed
 
         self._ops, self._real = ops, real
