@@ -314,7 +314,7 @@ def run_scaling(rt, prompts, options: dict, batches: list[int], repeat: int = 3,
                 res = rt.generate(ids[:b], **options)
                 wall = _time.perf_counter() - t0
             kernels = {k: 1e3 * v / res.nfe for k, v in sorted(clock.seconds.items(), key=lambda kv: -kv[1])}
-            names = names or [k for k in kernels][:6]
+            names = names or list(kernels)[:6]
             row["breakdown"] = dict(ms_per_step=1e3 * wall / res.nfe, kernels_ms=kernels,
                                     kernel_calls_per_step={k: n / res.nfe for k, n in clock.calls.items()},
                                     host_ms=1e3 * wall / res.nfe - sum(kernels.values()))
@@ -330,9 +330,9 @@ def run_scaling(rt, prompts, options: dict, batches: list[int], repeat: int = 3,
             per_row = {k: (last["breakdown"]["kernels_ms"].get(k, 0.0) - first["breakdown"]["kernels_ms"].get(k, 0.0))
                        / d for k in last["breakdown"]["kernels_ms"]}
             host = (last["breakdown"]["host_ms"] - first["breakdown"]["host_ms"]) / d
-            log(f"each further row adds {sum(per_row.values()) + host:.3f} ms per step: kernels "
-                f"{sum(per_row.values()):.3f} ({', '.join(f'{k} {v:.3f}' for k, v in per_row.items() if v >= 0.005)}),"
-                f" host {host:.3f}")
+            kern = sum(per_row.values())
+            log(f"each further row adds {kern + host:.3f} ms per step: kernels {kern:.3f} "
+                f"({', '.join(f'{k} {v:.3f}' for k, v in per_row.items() if v >= 0.005)}), host {host:.3f}")
     return {"options": options, "scaling": rows}
 
 
